@@ -1,0 +1,247 @@
+"""The `pbx-agent` command: serve, demo, check, models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import Config, default_config, load_config, resolve_config_path
+from agent.errors import AgentError, ConfigError
+
+_LOGGER = logging.getLogger("agent")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / (1 << 20)
+
+
+def _load(args: argparse.Namespace, embedded_default: bool = False) -> Config:
+    if embedded_default and not args.config:
+        return default_config()
+    return load_config(resolve_config_path(args.config))
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+async def _serve(config: Config) -> int:
+    from agent.engine.bundle import EngineBundle
+    from agent.runtime.aio import AsteriskAgent
+
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    engines = await loop.run_in_executor(None, EngineBundle.load, config)
+    agent = AsteriskAgent(config, engines)
+    await agent.start()
+    _LOGGER.info("ready in %.1f s, RSS %.0f MiB", time.perf_counter() - t0, _rss_mib())
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _LOGGER.info("stopping")
+    await agent.close()
+    engines.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the agent for the PBX named in the config."""
+    config = _load(args)
+    _setup_logging(config.log_level)
+    if config.pbx != "asterisk":
+        print(f"{config.path}: pbx: {config.pbx!r} is not supported by this build yet "
+              "(only asterisk)", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(config))
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+async def _demo(config: Config, script_name: str, quiet: bool) -> int:
+    from agent.engine.bundle import EngineBundle
+    from agent.engine.tts import PiperTts
+    from agent.models import require
+    from agent.runtime.aio import AsteriskAgent
+    from agent.sim.caller import builtin_script, load_script
+    from agent.sim.run import format_table, run_sim_call
+
+    script = load_script(script_name) if Path(script_name).exists() else builtin_script(
+        script_name)
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    engines = await loop.run_in_executor(None, EngineBundle.load, config)
+    agent = AsteriskAgent(config, engines, fastagi_port=0, audiosocket_port=0)
+    await agent.start()
+    ready_s = time.perf_counter() - t0
+    rss = _rss_mib()
+    print(f"agent ready in {ready_s:.1f} s (stt={engines.stt_backend}); RSS {rss:.0f} MiB; "
+          f"FastAGI 127.0.0.1:{agent.fastagi.port}, AudioSocket 127.0.0.1:{agent.audiosocket.port}")
+    caller_voice = PiperTts(str(require("piper-en-us-joe-medium", config.models.tts_voice)),
+                            out_rate_hz=config.rate_hz, length_scale=script.length_scale)
+
+    def transcribe(pcm: bytes) -> str:
+        stream = engines.stt.open_stream(config.rate_hz)
+        stream.accept(pcm)
+        return stream.finish().text
+
+    def agent_turns(uniqueid: str) -> list[tuple[str, str]]:
+        for summary in agent.finished:
+            if summary.uniqueid == uniqueid:
+                return [(t.caller_text, t.path) for t in summary.outcome.turns]
+        return []
+
+    try:
+        report = await run_sim_call("127.0.0.1", agent.fastagi.port, script, caller_voice,
+                                    transcribe, agent_turns, config.rate_hz)
+    finally:
+        await agent.close()
+        engines.close()
+    print(f"\ngreeting: {report.greeting_text}\n")
+    print(format_table(report))
+    stages = next((s.outcome for s in agent.finished if s.uniqueid == report.pbx.uniqueid), None)
+    if stages is not None and not quiet:
+        print("\nagent-side stage timings (ms): stt decode / llm first token / first audio queued")
+        for i, t in enumerate(stages.turns, 1):
+            llm = "-" if t.llm_first_token_ms is None else f"{t.llm_first_token_ms:.0f}"
+            tts = "-" if t.tts_first_audio_ms is None else f"{t.tts_first_audio_ms:.0f}"
+            print(f"  turn {i}: {t.path:8s} stt {t.stt_ms:.0f} / llm {llm} / tts {tts}")
+    print(f"\nAGENT_RESULT={report.result} AGENT_TRANSFER_TO={report.transfer_to} "
+          f"AGENT_REASON={report.pbx.variables.get('AGENT_REASON', '')}")
+    wer = report.mean_wer()
+    print(f"caller-transcript word error: {'-' if wer is None else f'{wer:.0%}'}; "
+          f"longest gap in agent audio: {report.caller.max_agent_gap_ms:.0f} ms; "
+          f"peak RSS {_rss_mib():.0f} MiB")
+    ok = not report.pbx.idle_timeout_fired and (
+        not script.expect_result or report.result == script.expect_result)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the agent in-process and run one simulated call end to end."""
+    config = _load(args, embedded_default=True)
+    _setup_logging("DEBUG" if args.verbose else "WARNING")
+    if args.pbx != "asterisk":
+        print("demo: --pbx freeswitch is not supported by this build yet", file=sys.stderr)
+        return 2
+    return asyncio.run(_demo(config, args.script, args.quiet))
+
+
+# -- check -------------------------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and the models it needs; non-zero exit on any problem."""
+    from agent.models import get_spec, locate, verify
+
+    problems: list[str] = []
+    try:
+        config = _load(args)
+        print(f"config {config.path}: ok ({len(config.agent.faq)} FAQ entries, "
+              f"{len(config.agent.intents)} intents, transfers: {', '.join(config.transfers)})")
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 1
+    m = config.models
+    needed = [("piper-en-us-joe-medium", m.tts_voice), ("smollm2-135m-instruct-q4_1", m.llm_model)]
+    if m.stt_backend == "vosk":
+        needed.append(("vosk-small-en-us", m.vosk_model))
+    else:
+        needed.append(("whisper-tiny-en", m.whisper_model))
+    for name, override in needed:
+        if override:
+            ok = Path(override).exists()
+            print(f"model {name}: {override} {'ok' if ok else 'MISSING'}")
+            if not ok:
+                problems.append(f"models: {override} does not exist")
+            continue
+        status = locate(get_spec(name))
+        problem = status.problem or (verify(status) if args.verify else "")
+        if problem:
+            problems.append(f"model {name}: {problem}; install with: {status.spec.install}")
+            print(f"model {name}: MISSING ({problem}); install with: {status.spec.install}")
+        else:
+            print(f"model {name}: ok ({status.path})")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the manifest's models and whether each is installed, or install one."""
+    from agent.models import get_spec, install, load_manifest, locate, models_dir
+
+    if args.action == "install":
+        if not args.name:
+            print("models install: name a model (see `pbx-agent models`)", file=sys.stderr)
+            return 2
+        spec = get_spec(args.name)
+        base = Path(args.dir) if args.dir else models_dir()
+        path = install(spec, base, url=args.url or "", sha256=args.sha256 or "")
+        print(f"installed {spec.name} in {path}")
+        return 0
+    missing = 0
+    for spec in load_manifest():
+        status = locate(spec, Path(args.dir) if args.dir else None)
+        if status.installed:
+            state = f"installed  {status.path}"
+        else:
+            state = f"missing    install with: {spec.install}"
+            missing += spec.default
+        default = "default" if spec.default else "optional"
+        print(f"{spec.name:28s} {spec.kind:4s} {default:8s} {state}")
+    return 1 if missing else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `pbx-agent`."""
+    p = argparse.ArgumentParser(prog="pbx-agent", description=__doc__)
+    p.add_argument("--config", help="config file (default: $PBX_AGENT_CONFIG or "
+                   "/etc/pbx-agent/agent.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the agent for the configured PBX")
+    s.set_defaults(func=cmd_serve)
+    d = sub.add_parser("demo", help="run one simulated call end to end on the embedded default")
+    d.add_argument("--pbx", default="asterisk", choices=("asterisk", "freeswitch"))
+    d.add_argument("--script", default="demo", help="builtin script name or a YAML file")
+    d.add_argument("--quiet", action="store_true", help="table only")
+    d.add_argument("--verbose", action="store_true", help="agent logs on stderr")
+    d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("check", help="validate config and models; non-zero exit on problems")
+    c.add_argument("--verify", action="store_true", help="also checksum the model files")
+    c.set_defaults(func=cmd_check)
+    m = sub.add_parser("models", help="list models, or `models install NAME`")
+    m.add_argument("action", nargs="?", default="list", choices=("list", "install"))
+    m.add_argument("name", nargs="?")
+    m.add_argument("--dir", help="models directory (default $PBX_AGENT_MODELS_DIR or "
+                   "/var/lib/pbx-agent/models)")
+    m.add_argument("--url", help="download from this mirror instead of the manifest URL")
+    m.add_argument("--sha256", help="expected sha256 when --url points at another archive")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pbx-agent` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (AgentError, ConfigError) as exc:
+        print(f"pbx-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Configuration: `/etc/pbx-agent/agent.yaml` parsed into frozen dataclasses.
+
+Every validation error is a :class:`~agent.errors.ConfigError` naming the file, the dotted key
+and the reason. Units are part of the field names (``_ms``, ``_s``, ``_hz``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/pbx-agent/agent.yaml"
+CONFIG_ENV_VAR = "PBX_AGENT_CONFIG"
+PBX_KINDS = ("asterisk", "freeswitch")
+STT_BACKENDS = ("auto", "whisper", "vosk")
+INTENT_KINDS = ("transfer", "goodbye", "say")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP host and port to listen on or connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where the PBX-facing listeners bind (loopback unless configured otherwise)."""
+
+    fastagi: Endpoint = Endpoint("127.0.0.1", 4573)
+    audiosocket: Endpoint = Endpoint("127.0.0.1", 9092)
+    #: Address Asterisk is told to connect to in `EXEC AudioSocket`; defaults to `audiosocket`.
+    audiosocket_advertise: Endpoint | None = None
+    esl: Endpoint = Endpoint("127.0.0.1", 8084)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which model files to load; empty paths mean the embedded PyPI defaults."""
+
+    stt_backend: str = "auto"
+    whisper_model: str = ""
+    vosk_model: str = ""
+    llm_model: str = ""
+    tts_voice: str = ""
+    llm_threads: int = 2
+    stt_threads: int = 2
+    llm_context_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """Endpointing and barge-in, all measured in audio time (frames), not wall time."""
+
+    endpoint_silence_ms: int = 360
+    min_speech_ms: int = 120
+    barge_in_ms: int = 160
+    max_utterance_ms: int = 15000
+    no_input_timeout_ms: int = 9000
+    max_no_input_prompts: int = 2
+    max_call_s: int = 900
+    vad_aggressiveness: int = 2
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """Generation settings for the open-question path."""
+
+    max_tokens: int = 40
+    temperature: float = 0.2
+    timeout_ms: int = 6000
+
+
+@dataclass(frozen=True)
+class FaqEntry:
+    """One knowledge-base entry: ways callers ask it, and the exact answer."""
+
+    id: str
+    questions: tuple[str, ...]
+    answer: str
+
+
+@dataclass(frozen=True)
+class IntentConfig:
+    """An intent recognised from keywords without the LLM."""
+
+    name: str
+    kind: str
+    phrases: tuple[str, ...]
+    target: str | None = None
+    reply: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The conversation: persona, fixed phrases, knowledge base and intents."""
+
+    name: str
+    persona: str
+    greeting: str
+    goodbye: str
+    fallback: str
+    transfer_reply: str
+    no_input_reply: str
+    error_reply: str
+    faq: tuple[FaqEntry, ...]
+    intents: tuple[IntentConfig, ...]
+
+    def fixed_phrases(self) -> tuple[str, ...]:
+        """Every phrase whose text is known before the call: synthesized once at start-up."""
+        phrases = [self.greeting, self.goodbye, self.fallback, self.transfer_reply,
+                   self.no_input_reply, self.error_reply]
+        phrases += [e.answer for e in self.faq]
+        phrases += [i.reply for i in self.intents if i.reply]
+        return tuple(dict.fromkeys(p for p in phrases if p))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole agent configuration."""
+
+    path: str
+    pbx: str
+    max_calls: int
+    rate_hz: int
+    listen: ListenConfig
+    models: ModelsConfig
+    turn: TurnConfig
+    llm: LlmConfig
+    transfers: Mapping[str, str]
+    agent: AgentConfig
+    state_dir: str = "/var/lib/pbx-agent"
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def audiosocket_advertise(self) -> Endpoint:
+        """The AudioSocket address given to Asterisk."""
+        return self.listen.audiosocket_advertise or self.listen.audiosocket
+
+
+class _Section:
+    """Typed, key-checked access to one mapping of the YAML file."""
+
+    def __init__(self, path: str, prefix: str, data: Any) -> None:
+        self.path = path
+        self.prefix = prefix
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, prefix or "(top level)", f"must be a mapping, got {_kind(data)}")
+        self.data: Mapping[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), reason)
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self.used.add(name)
+        return self.data.get(name, default)
+
+    def str(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
+        value = self.raw(name, default)
+        if value is None:
+            raise self.error(name, "is required")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(name, f"must be a string, got {_kind(value)}")
+        text = str(value).strip()
+        if choices and text not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    def text(self, name: str, default: str | None = None) -> str:
+        value = self.str(name, default)
+        if not value:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise self.error(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(name, f"must be a number, got {_kind(value)}")
+        if not lo <= float(value) <= hi:
+            raise self.error(name, f"must be between {lo} and {hi}, got {value}")
+        return float(value)
+
+    def endpoint(self, name: str, default: Endpoint | None) -> Endpoint | None:
+        value = self.raw(name)
+        if value is None:
+            return default
+        text = str(value).strip()
+        if text.startswith("tcp://"):
+            text = text[len("tcp://"):]
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise self.error(name, f"must be host:port with a port 1-65535, got {value!r}")
+        return Endpoint(host.strip("[]"), int(port))
+
+    def sub(self, name: str) -> _Section:
+        return _Section(self.path, self.key(name), self.raw(name))
+
+    def strings(self, name: str, *, required: bool = True) -> tuple[str, ...]:
+        value = self.raw(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.error(name, "must be a list of non-empty strings")
+        if required and not value:
+            raise self.error(name, "must list at least one entry")
+        return tuple(v.strip() for v in value)
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _load_yaml(path: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, where, f"invalid YAML: {reason}") from None
+
+
+def default_agent_text() -> str:
+    """The embedded default agent definition (a dental clinic receptionist)."""
+    return resources.files("agent.data").joinpath("agent_dental.yaml").read_text(encoding="utf-8")
+
+
+def parse_agent(path: str, prefix: str, data: Any) -> AgentConfig:
+    """Parse and validate an agent definition mapping."""
+    sec = _Section(path, prefix, data)
+    faq: list[FaqEntry] = []
+    raw_faq = sec.raw("faq", [])
+    if not isinstance(raw_faq, list):
+        raise sec.error("faq", "must be a list of entries")
+    seen: set[str] = set()
+    for i, item in enumerate(raw_faq):
+        entry = _Section(path, sec.key(f"faq[{i}]"), item)
+        entry_id = entry.text("id")
+        if entry_id in seen:
+            raise entry.error("id", f"duplicate FAQ id {entry_id!r}")
+        seen.add(entry_id)
+        faq.append(FaqEntry(entry_id, entry.strings("questions"), entry.text("answer")))
+        entry.check_unknown()
+    intents: list[IntentConfig] = []
+    raw_intents = sec.raw("intents", [])
+    if not isinstance(raw_intents, list):
+        raise sec.error("intents", "must be a list of intents")
+    for i, item in enumerate(raw_intents):
+        it = _Section(path, sec.key(f"intents[{i}]"), item)
+        kind = it.str("kind", choices=INTENT_KINDS)
+        target = it.raw("target")
+        reply = it.raw("reply")
+        if kind == "transfer" and not target:
+            raise it.error("target", "a transfer intent needs a target from `transfers`")
+        if kind == "say" and not reply:
+            raise it.error("reply", "a say intent needs a reply")
+        intents.append(IntentConfig(
+            name=it.text("name"), kind=kind, phrases=it.strings("phrases"),
+            target=str(target) if target else None, reply=str(reply).strip() if reply else None,
+        ))
+        it.check_unknown()
+    agent = AgentConfig(
+        name=sec.text("name"),
+        persona=sec.text("persona"),
+        greeting=sec.text("greeting"),
+        goodbye=sec.text("goodbye"),
+        fallback=sec.text("fallback"),
+        transfer_reply=sec.text("transfer_reply"),
+        no_input_reply=sec.text("no_input_reply", "Are you still there?"),
+        error_reply=sec.text(
+            "error_reply", "I'm sorry, I'm having trouble. Let me connect you to someone."),
+        faq=tuple(faq),
+        intents=tuple(intents),
+    )
+    sec.check_unknown()
+    return agent
+
+
+def parse_config(text: str, path: str = "<string>") -> Config:
+    """Parse and validate the YAML text of a config file."""
+    data = _load_yaml(path, text)
+    top = _Section(path, "", data)
+    pbx = top.str("pbx", "asterisk", choices=PBX_KINDS)
+    rate = top.int("rate_hz", 8000, 8000, 16000)
+    if rate not in (8000, 16000):
+        raise top.error("rate_hz", f"must be 8000 or 16000, got {rate}")
+
+    lis = top.sub("listen")
+    listen = ListenConfig(
+        fastagi=lis.endpoint("fastagi", ListenConfig.fastagi) or ListenConfig.fastagi,
+        audiosocket=lis.endpoint("audiosocket", ListenConfig.audiosocket)
+        or ListenConfig.audiosocket,
+        audiosocket_advertise=lis.endpoint("audiosocket_advertise", None),
+        esl=lis.endpoint("esl", ListenConfig.esl) or ListenConfig.esl,
+    )
+    lis.check_unknown()
+
+    mod = top.sub("models")
+    d = ModelsConfig()
+    models = ModelsConfig(
+        stt_backend=mod.str("stt_backend", d.stt_backend, choices=STT_BACKENDS),
+        whisper_model=mod.str("whisper_model", ""),
+        vosk_model=mod.str("vosk_model", ""),
+        llm_model=mod.str("llm_model", ""),
+        tts_voice=mod.str("tts_voice", ""),
+        llm_threads=mod.int("llm_threads", d.llm_threads, 1, 64),
+        stt_threads=mod.int("stt_threads", d.stt_threads, 1, 64),
+        llm_context_tokens=mod.int("llm_context_tokens", d.llm_context_tokens, 512, 32768),
+    )
+    mod.check_unknown()
+
+    tu = top.sub("turn")
+    t = TurnConfig()
+    turn = TurnConfig(
+        endpoint_silence_ms=tu.int("endpoint_silence_ms", t.endpoint_silence_ms, 100, 3000),
+        min_speech_ms=tu.int("min_speech_ms", t.min_speech_ms, 20, 2000),
+        barge_in_ms=tu.int("barge_in_ms", t.barge_in_ms, 40, 280),
+        max_utterance_ms=tu.int("max_utterance_ms", t.max_utterance_ms, 1000, 60000),
+        no_input_timeout_ms=tu.int("no_input_timeout_ms", t.no_input_timeout_ms, 1000, 120000),
+        max_no_input_prompts=tu.int("max_no_input_prompts", t.max_no_input_prompts, 0, 10),
+        max_call_s=tu.int("max_call_s", t.max_call_s, 10, 86400),
+        vad_aggressiveness=tu.int("vad_aggressiveness", t.vad_aggressiveness, 0, 3),
+    )
+    tu.check_unknown()
+
+    ll = top.sub("llm")
+    lc = LlmConfig()
+    llm = LlmConfig(
+        max_tokens=ll.int("max_tokens", lc.max_tokens, 4, 512),
+        temperature=ll.float("temperature", lc.temperature, 0.0, 2.0),
+        timeout_ms=ll.int("timeout_ms", lc.timeout_ms, 500, 120000),
+    )
+    ll.check_unknown()
+
+    raw_transfers = top.raw("transfers", {})
+    if not isinstance(raw_transfers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, int)) and str(v).strip()
+        for k, v in raw_transfers.items()
+    ):
+        raise top.error("transfers", "must map target names to dial strings")
+    transfers = {k: str(v).strip() for k, v in raw_transfers.items()}
+
+    raw_agent = top.raw("agent")
+    if raw_agent is None:
+        agent = parse_agent("<embedded agent_dental.yaml>", "agent",
+                            yaml.safe_load(default_agent_text()).get("agent"))
+    elif isinstance(raw_agent, str):
+        agent_path = Path(raw_agent)
+        if not agent_path.is_absolute():
+            agent_path = Path(path).parent / agent_path
+        try:
+            agent_text = agent_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise top.error("agent", f"cannot read agent file {agent_path}: {exc.strerror}") from None
+        agent_data = _load_yaml(str(agent_path), agent_text)
+        if isinstance(agent_data, Mapping) and "agent" in agent_data:
+            agent_data = agent_data["agent"]
+        agent = parse_agent(str(agent_path), "agent", agent_data)
+    else:
+        agent = parse_agent(path, "agent", raw_agent)
+    for i, intent in enumerate(agent.intents):
+        if intent.target is not None and intent.target not in transfers:
+            raise ConfigError(path, f"agent.intents[{i}].target",
+                              f"{intent.target!r} is not in the `transfers` allowlist")
+
+    config = Config(
+        path=path,
+        pbx=pbx,
+        max_calls=top.int("max_calls", 4, 1, 10000),
+        rate_hz=rate,
+        listen=listen,
+        models=models,
+        turn=turn,
+        llm=llm,
+        transfers=transfers,
+        agent=agent,
+        state_dir=top.str("state_dir", "/var/lib/pbx-agent"),
+        log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    )
+    top.check_unknown()
+    return config
+
+
+def default_config_text() -> str:
+    """The embedded default config used by `pbx-agent demo` and tests."""
+    return resources.files("agent.data").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def default_config() -> Config:
+    """The embedded default config (dental clinic agent, loopback listeners)."""
+    return parse_config(default_config_text(), "<embedded default.yaml>")
+
+
+def resolve_config_path(flag: str | None) -> str:
+    """Config path from the --config flag, else $PBX_AGENT_CONFIG, else the system default."""
+    return flag or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"cannot read: {exc.strerror}") from None
+    return parse_config(text, path)

@@ -1,0 +1,72 @@
+"""Load every engine once per process from the config: STT, TTS (+ phrase cache), LLM."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.config import Config
+from agent.engine.llm import LlamaLlm, LlmScheduler
+from agent.engine.stt import SttEngine, load_stt
+from agent.engine.tts import PhraseCache, PiperTts
+from agent.models import installed_vosk_english, require
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineBundle:
+    """The shared engines of one process (thread-safe; never used on an event loop)."""
+
+    stt: SttEngine
+    tts: PiperTts
+    phrases: PhraseCache
+    llm: LlmScheduler
+    stt_backend: str
+    load_times_s: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, config: Config, extra_phrases: Iterable[str] = ()) -> EngineBundle:
+        """Load models named by ``config`` (embedded defaults when paths are empty)."""
+        times: dict[str, float] = {}
+        m = config.models
+        t0 = time.perf_counter()
+        backend = m.stt_backend
+        vosk_path = m.vosk_model
+        if backend == "auto":
+            if not vosk_path:
+                found = installed_vosk_english()
+                vosk_path = str(found) if found else ""
+            backend = "vosk" if vosk_path else "whisper"
+        if backend == "vosk":
+            path = require("vosk-small-en-us", vosk_path)
+            stt = load_stt("vosk", str(path))
+        else:
+            path = require("whisper-tiny-en", m.whisper_model)
+            stt = load_stt("whisper", str(path), cpu_threads=m.stt_threads)
+        times["stt"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tts = PiperTts(str(require("piper-en-us-joe-medium", m.tts_voice)), out_rate_hz=config.rate_hz)
+        times["tts"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        llm = LlamaLlm(str(require("smollm2-135m-instruct-q4_1", m.llm_model)),
+                       n_ctx=m.llm_context_tokens, n_threads=m.llm_threads)
+        scheduler = LlmScheduler(llm)
+        times["llm"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        phrases = PhraseCache(tts)
+        phrases.warm([*config.agent.fixed_phrases(), *extra_phrases])
+        times["phrase_cache"] = time.perf_counter() - t0
+        _LOGGER.info("engines loaded: stt=%s %s", backend,
+                     ", ".join(f"{k}={v:.2f}s" for k, v in times.items()))
+        return cls(stt=stt, tts=tts, phrases=phrases, llm=scheduler, stt_backend=backend,
+                   load_times_s=times)
+
+    def close(self) -> None:
+        """Stop the LLM worker thread."""
+        self.llm.close()

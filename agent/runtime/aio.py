@@ -1,0 +1,215 @@
+"""The Asterisk process: FastAGI + AudioSocket servers on one asyncio loop, engines in threads.
+
+Call flow (DESIGN.md): the FastAGI handler reserves a slot, answers, registers a fresh UUID with
+the AudioSocket server and runs `EXEC AudioSocket <uuid>,<host:port>`; the media connection
+runs the :class:`~agent.call.session.CallSession`; when it ends the handler sets
+`AGENT_RESULT`, `AGENT_TRANSFER_TO` and `AGENT_REASON` for the dialplan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from agent.call.session import CallOutcome, CallResult, CallSession, MediaEvent, MediaKind
+from agent.config import Config
+from agent.dialog.policy import DialogPolicy
+from agent.engine.bundle import EngineBundle
+from agent.pbx.asterisk.audiosocket import AudioSocketConnection, AudioSocketServer, Kind
+from agent.pbx.asterisk.fastagi import AgiChannel, FastAgiServer
+
+_LOGGER = logging.getLogger(__name__)
+
+MEDIA_CONNECT_TIMEOUT_S = 5.0
+AGI_COMMAND_TIMEOUT_S = 5.0
+
+
+class AudioSocketMedia:
+    """Adapts an AudioSocket connection to the session's MediaPort."""
+
+    def __init__(self, conn: AudioSocketConnection) -> None:
+        self.conn = conn
+        self.rate_hz = conn.rate_hz
+
+    async def read(self, timeout_s: float) -> MediaEvent | None:
+        """Next caller event; a closed socket means the caller hung up."""
+        try:
+            frame = await self.conn.read_frame(timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        except (ConnectionError, OSError):
+            return MediaEvent(MediaKind.HANGUP)
+        if frame is None or frame.kind is Kind.HANGUP:
+            return MediaEvent(MediaKind.HANGUP)
+        if frame.kind is Kind.DTMF:
+            return MediaEvent(MediaKind.DTMF, digit=frame.payload.decode("ascii", "replace"))
+        if frame.kind is Kind.ERROR:
+            return MediaEvent(MediaKind.HANGUP)
+        return MediaEvent(MediaKind.AUDIO, audio=frame.payload)
+
+    async def send(self, frame: bytes) -> None:
+        """Send one frame of agent audio."""
+        await self.conn.send_audio(frame)
+
+    async def finish(self) -> None:
+        """Send the 0x00 hangup frame: AudioSocket() returns 0 and the dialplan continues."""
+        await self.conn.send_hangup()
+
+
+@dataclass
+class Admission:
+    """The simplest admission controller: reserve a slot before answering."""
+
+    max_calls: int
+    active: int = 0
+    refused: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def try_reserve(self) -> bool:
+        """Take a slot, counting reserved-but-not-started calls."""
+        with self._lock:
+            if self.active >= self.max_calls:
+                self.refused += 1
+                return False
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        """Give a slot back."""
+        with self._lock:
+            self.active = max(0, self.active - 1)
+
+
+@dataclass
+class CallSummary:
+    """What the FastAGI handler knows of a finished call (for logs, tests, the demo)."""
+
+    uniqueid: str
+    callerid: str
+    outcome: CallOutcome
+
+
+class AsteriskAgent:
+    """The FastAGI + AudioSocket servers of one pbx-agent process."""
+
+    def __init__(self, config: Config, engines: EngineBundle,
+                 fastagi_port: int | None = None, audiosocket_port: int | None = None) -> None:
+        self.config = config
+        self.engines = engines
+        self.policy = DialogPolicy(config.agent)
+        self.admission = Admission(config.max_calls)
+        lis = config.listen
+        self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host,
+                                     port=lis.fastagi.port if fastagi_port is None else fastagi_port)
+        self.audiosocket = AudioSocketServer(
+            host=lis.audiosocket.host,
+            port=lis.audiosocket.port if audiosocket_port is None else audiosocket_port)
+        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt")
+        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts")
+        self.finished: list[CallSummary] = []
+        self.sessions: dict[str, CallSession] = {}
+
+    async def start(self) -> None:
+        """Bind both listeners."""
+        await self.audiosocket.start()
+        await self.fastagi.start()
+        _LOGGER.info("listening: FastAGI %s:%d, AudioSocket %s:%d",
+                     self.config.listen.fastagi.host, self.fastagi.port,
+                     self.config.listen.audiosocket.host, self.audiosocket.port)
+
+    async def close(self) -> None:
+        """Stop listening, end live calls, stop the worker pools."""
+        for session in list(self.sessions.values()):
+            session.abort("shutdown")
+        await self.fastagi.close()
+        await self.audiosocket.close()
+        self.stt_pool.shutdown(wait=True, cancel_futures=True)
+        self.tts_pool.shutdown(wait=True, cancel_futures=True)
+
+    def advertise(self) -> str:
+        """The `host:port` Asterisk must connect its AudioSocket to."""
+        adv = self.config.listen.audiosocket_advertise
+        if adv is not None:
+            return str(adv)
+        return f"{self.config.listen.audiosocket.host}:{self.audiosocket.port}"
+
+    async def _set_result(self, agi: AgiChannel, outcome: CallOutcome) -> None:
+        with contextlib.suppress(Exception):
+            await agi.set_variable("AGENT_RESULT", outcome.result.value)
+            await agi.set_variable("AGENT_REASON", outcome.reason)
+            if outcome.transfer_to:
+                await agi.set_variable("AGENT_TRANSFER_TO", outcome.transfer_to)
+
+    async def _handle_agi(self, agi: AgiChannel) -> None:
+        env = agi.env
+        call_id = env.uniqueid or uuid.uuid4().hex[:12]
+        if not self.admission.try_reserve():
+            _LOGGER.info("call %s: refused (capacity)", call_id)
+            outcome = CallOutcome(result=CallResult.BUSY, reason="capacity")
+            await self._set_result(agi, outcome)
+            self.finished.append(CallSummary(call_id, env.callerid, outcome))
+            return
+        try:
+            outcome = await self._run_call(agi, call_id)
+        except Exception as exc:  # the call boundary: hand the call back, keep serving
+            _LOGGER.exception("call %s: failed", call_id)
+            outcome = CallOutcome(result=CallResult.ERROR, reason=f"internal:{type(exc).__name__}")
+        finally:
+            self.admission.release()
+        await self._set_result(agi, outcome)
+        self.finished.append(CallSummary(call_id, env.callerid, outcome))
+        _LOGGER.info("call %s: %s %s %s", call_id, outcome.result.value, outcome.reason,
+                     outcome.transfer_to)
+
+    async def _run_call(self, agi: AgiChannel, call_id: str) -> CallOutcome:
+        reply = await agi.answer()
+        if reply.code != 200:
+            return CallOutcome(result=CallResult.ERROR, reason=f"answer-failed:{reply.code}")
+        media_uuid = uuid.uuid4()
+        connected: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        session_holder: list[CallSession] = []
+
+        async def on_media(conn: AudioSocketConnection) -> None:
+            session = CallSession(call_id, self.config, self.engines, self.policy,
+                                  AudioSocketMedia(conn), self.stt_pool, self.tts_pool)
+            session_holder.append(session)
+            self.sessions[call_id] = session
+            try:
+                outcome = await session.run()
+            finally:
+                self.sessions.pop(call_id, None)
+            if not connected.done():
+                connected.set_result(outcome)
+
+        self.audiosocket.register(media_uuid, on_media)
+        exec_task = asyncio.create_task(
+            agi.exec("AudioSocket", f"{media_uuid},{self.advertise()}", timeout_s=None))
+        try:
+            done, _ = await asyncio.wait({exec_task, connected},
+                                         timeout=MEDIA_CONNECT_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not session_holder and not connected.done():
+                # Asterisk never connected the media leg (or EXEC came back at once)
+                return CallOutcome(result=CallResult.ERROR, reason="audiosocket-not-connected")
+            while not connected.done():
+                if exec_task.done():
+                    # the AGI side ended (socket gone, EXEC returned): end the media session
+                    for session in session_holder:
+                        session.abort("agi-gone")
+                    break
+                await asyncio.wait({exec_task, connected}, return_when=asyncio.FIRST_COMPLETED)
+            outcome = await connected
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(exec_task), AGI_COMMAND_TIMEOUT_S)
+            return outcome
+        finally:
+            self.audiosocket.unregister(media_uuid)
+            if not exec_task.done():
+                exec_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await exec_task
