@@ -37,12 +37,11 @@ def _load(args: argparse.Namespace, embedded_default: bool = False) -> Config:
 # -- serve -------------------------------------------------------------------------------------
 
 async def _serve(config: Config) -> int:
-    from agent.engine.bundle import EngineBundle
-    from agent.runtime.aio import AsteriskAgent
+    from agent.runtime.aio import AsteriskAgent, load_engines
 
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
-    engines = await loop.run_in_executor(None, EngineBundle.load, config)
+    engines = await loop.run_in_executor(None, load_engines, config)
     agent = AsteriskAgent(config, engines)
     await agent.start()
     _LOGGER.info("ready in %.1f s, RSS %.0f MiB", time.perf_counter() - t0, _rss_mib())
@@ -70,10 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- demo --------------------------------------------------------------------------------------
 
 async def _demo(config: Config, script_name: str, quiet: bool) -> int:
-    from agent.engine.bundle import EngineBundle
     from agent.engine.tts import PiperTts
     from agent.models import require
-    from agent.runtime.aio import AsteriskAgent
+    from agent.runtime.aio import AsteriskAgent, load_engines
     from agent.sim.caller import builtin_script, load_script
     from agent.sim.run import format_table, run_sim_call
 
@@ -81,7 +79,7 @@ async def _demo(config: Config, script_name: str, quiet: bool) -> int:
         script_name)
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
-    engines = await loop.run_in_executor(None, EngineBundle.load, config)
+    engines = await loop.run_in_executor(None, load_engines, config)
     agent = AsteriskAgent(config, engines, fastagi_port=0, audiosocket_port=0)
     await agent.start()
     ready_s = time.perf_counter() - t0

@@ -22,6 +22,8 @@ CONFIG_ENV_VAR = "PBX_AGENT_CONFIG"
 PBX_KINDS = ("asterisk", "freeswitch")
 STT_BACKENDS = ("auto", "whisper", "vosk")
 INTENT_KINDS = ("transfer", "goodbye", "say")
+TOP_LEVEL_KEYS = ("pbx", "rate_hz", "max_calls", "state_dir", "log_level", "listen", "models",
+                  "turn", "llm", "transfers", "agent")
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class _Section:
         self.used.add(name)
         return self.data.get(name, default)
 
-    def str(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
+    def get_str(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
         value = self.raw(name, default)
         if value is None:
             raise self.error(name, "is required")
@@ -186,12 +188,12 @@ class _Section:
         return text
 
     def text(self, name: str, default: str | None = None) -> str:
-        value = self.str(name, default)
+        value = self.get_str(name, default)
         if not value:
             raise self.error(name, "must not be empty")
         return value
 
-    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+    def get_int(self, name: str, default: int, lo: int, hi: int) -> int:
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(name, f"must be an integer, got {_kind(value)}")
@@ -199,7 +201,7 @@ class _Section:
             raise self.error(name, f"must be between {lo} and {hi}, got {value}")
         return value
 
-    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+    def get_float(self, name: str, default: float, lo: float, hi: float) -> float:
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(name, f"must be a number, got {_kind(value)}")
@@ -279,7 +281,7 @@ def parse_agent(path: str, prefix: str, data: Any) -> AgentConfig:
         raise sec.error("intents", "must be a list of intents")
     for i, item in enumerate(raw_intents):
         it = _Section(path, sec.key(f"intents[{i}]"), item)
-        kind = it.str("kind", choices=INTENT_KINDS)
+        kind = it.get_str("kind", choices=INTENT_KINDS)
         target = it.raw("target")
         reply = it.raw("reply")
         if kind == "transfer" and not target:
@@ -312,8 +314,11 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     """Parse and validate the YAML text of a config file."""
     data = _load_yaml(path, text)
     top = _Section(path, "", data)
-    pbx = top.str("pbx", "asterisk", choices=PBX_KINDS)
-    rate = top.int("rate_hz", 8000, 8000, 16000)
+    for name in top.data:
+        if name not in TOP_LEVEL_KEYS:
+            raise top.error(str(name), "unknown key")
+    pbx = top.get_str("pbx", "asterisk", choices=PBX_KINDS)
+    rate = top.get_int("rate_hz", 8000, 8000, 16000)
     if rate not in (8000, 16000):
         raise top.error("rate_hz", f"must be 8000 or 16000, got {rate}")
 
@@ -330,37 +335,37 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     mod = top.sub("models")
     d = ModelsConfig()
     models = ModelsConfig(
-        stt_backend=mod.str("stt_backend", d.stt_backend, choices=STT_BACKENDS),
-        whisper_model=mod.str("whisper_model", ""),
-        vosk_model=mod.str("vosk_model", ""),
-        llm_model=mod.str("llm_model", ""),
-        tts_voice=mod.str("tts_voice", ""),
-        llm_threads=mod.int("llm_threads", d.llm_threads, 1, 64),
-        stt_threads=mod.int("stt_threads", d.stt_threads, 1, 64),
-        llm_context_tokens=mod.int("llm_context_tokens", d.llm_context_tokens, 512, 32768),
+        stt_backend=mod.get_str("stt_backend", d.stt_backend, choices=STT_BACKENDS),
+        whisper_model=mod.get_str("whisper_model", ""),
+        vosk_model=mod.get_str("vosk_model", ""),
+        llm_model=mod.get_str("llm_model", ""),
+        tts_voice=mod.get_str("tts_voice", ""),
+        llm_threads=mod.get_int("llm_threads", d.llm_threads, 1, 64),
+        stt_threads=mod.get_int("stt_threads", d.stt_threads, 1, 64),
+        llm_context_tokens=mod.get_int("llm_context_tokens", d.llm_context_tokens, 512, 32768),
     )
     mod.check_unknown()
 
     tu = top.sub("turn")
     t = TurnConfig()
     turn = TurnConfig(
-        endpoint_silence_ms=tu.int("endpoint_silence_ms", t.endpoint_silence_ms, 100, 3000),
-        min_speech_ms=tu.int("min_speech_ms", t.min_speech_ms, 20, 2000),
-        barge_in_ms=tu.int("barge_in_ms", t.barge_in_ms, 40, 280),
-        max_utterance_ms=tu.int("max_utterance_ms", t.max_utterance_ms, 1000, 60000),
-        no_input_timeout_ms=tu.int("no_input_timeout_ms", t.no_input_timeout_ms, 1000, 120000),
-        max_no_input_prompts=tu.int("max_no_input_prompts", t.max_no_input_prompts, 0, 10),
-        max_call_s=tu.int("max_call_s", t.max_call_s, 10, 86400),
-        vad_aggressiveness=tu.int("vad_aggressiveness", t.vad_aggressiveness, 0, 3),
+        endpoint_silence_ms=tu.get_int("endpoint_silence_ms", t.endpoint_silence_ms, 100, 3000),
+        min_speech_ms=tu.get_int("min_speech_ms", t.min_speech_ms, 20, 2000),
+        barge_in_ms=tu.get_int("barge_in_ms", t.barge_in_ms, 40, 280),
+        max_utterance_ms=tu.get_int("max_utterance_ms", t.max_utterance_ms, 1000, 60000),
+        no_input_timeout_ms=tu.get_int("no_input_timeout_ms", t.no_input_timeout_ms, 1000, 120000),
+        max_no_input_prompts=tu.get_int("max_no_input_prompts", t.max_no_input_prompts, 0, 10),
+        max_call_s=tu.get_int("max_call_s", t.max_call_s, 10, 86400),
+        vad_aggressiveness=tu.get_int("vad_aggressiveness", t.vad_aggressiveness, 0, 3),
     )
     tu.check_unknown()
 
     ll = top.sub("llm")
     lc = LlmConfig()
     llm = LlmConfig(
-        max_tokens=ll.int("max_tokens", lc.max_tokens, 4, 512),
-        temperature=ll.float("temperature", lc.temperature, 0.0, 2.0),
-        timeout_ms=ll.int("timeout_ms", lc.timeout_ms, 500, 120000),
+        max_tokens=ll.get_int("max_tokens", lc.max_tokens, 4, 512),
+        temperature=ll.get_float("temperature", lc.temperature, 0.0, 2.0),
+        timeout_ms=ll.get_int("timeout_ms", lc.timeout_ms, 500, 120000),
     )
     ll.check_unknown()
 
@@ -398,7 +403,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     config = Config(
         path=path,
         pbx=pbx,
-        max_calls=top.int("max_calls", 4, 1, 10000),
+        max_calls=top.get_int("max_calls", 4, 1, 10000),
         rate_hz=rate,
         listen=listen,
         models=models,
@@ -406,8 +411,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         llm=llm,
         transfers=transfers,
         agent=agent,
-        state_dir=top.str("state_dir", "/var/lib/pbx-agent"),
-        log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        state_dir=top.get_str("state_dir", "/var/lib/pbx-agent"),
+        log_level=top.get_str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     )
     top.check_unknown()
     return config

@@ -29,8 +29,6 @@ from agent.dialog.policy import (
     Hangup,
     SayFixed,
     Transfer,
-    build_llm_messages,
-    finalize_llm_reply,
 )
 from agent.engine.bundle import EngineBundle
 from agent.engine.llm import LlmRequest
@@ -296,6 +294,7 @@ class CallSession:
     async def _converse(self) -> None:
         """Greet, then answer each utterance; ends the call on goodbye or transfer."""
         agent = self.config.agent
+        self.policy.note_reply(agent.greeting)
         await self._say_fixed(agent.greeting)
         no_input = 0
         while not self._done.is_set():
@@ -396,7 +395,7 @@ class CallSession:
         def on_token(token: str | None) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, LLM_END if token is None else token)
 
-        messages = build_llm_messages(self.config.agent, self._history, decision.user_text)
+        messages = self.policy.llm_messages(self._history, decision.user_text)
         request = LlmRequest(messages=messages, max_tokens=self.config.llm.max_tokens,
                              temperature=self.config.llm.temperature)
         t0 = time.perf_counter()
@@ -421,7 +420,7 @@ class CallSession:
                 for sentence in sentences:
                     if len(spoken) >= 2:
                         break
-                    reply = finalize_llm_reply(sentence)
+                    reply = self.policy.finalize_llm_reply(sentence)
                     fallback = self.config.agent.fallback
                     if reply == fallback or not reply:
                         if not spoken:

@@ -29,6 +29,11 @@ MEDIA_CONNECT_TIMEOUT_S = 5.0
 AGI_COMMAND_TIMEOUT_S = 5.0
 
 
+def load_engines(config: Config) -> EngineBundle:
+    """Load the engines and pre-synthesize every fixed phrase the dialog can say."""
+    return EngineBundle.load(config, DialogPolicy(config.agent).fixed_phrases())
+
+
 class AudioSocketMedia:
     """Adapts an AudioSocket connection to the session's MediaPort."""
 
@@ -101,7 +106,6 @@ class AsteriskAgent:
                  fastagi_port: int | None = None, audiosocket_port: int | None = None) -> None:
         self.config = config
         self.engines = engines
-        self.policy = DialogPolicy(config.agent)
         self.admission = Admission(config.max_calls)
         lis = config.listen
         self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host,
@@ -175,8 +179,9 @@ class AsteriskAgent:
         session_holder: list[CallSession] = []
 
         async def on_media(conn: AudioSocketConnection) -> None:
-            session = CallSession(call_id, self.config, self.engines, self.policy,
-                                  AudioSocketMedia(conn), self.stt_pool, self.tts_pool)
+            session = CallSession(call_id, self.config, self.engines,
+                                  DialogPolicy(self.config.agent), AudioSocketMedia(conn),
+                                  self.stt_pool, self.tts_pool)
             session_holder.append(session)
             self.sessions[call_id] = session
             try:
