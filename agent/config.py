@@ -162,7 +162,8 @@ class _Section:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(path, prefix or "(top level)", f"must be a mapping, got {_kind(data)}")
+            raise ConfigError(path, prefix or "(top level)",
+                              f"must be a mapping, got {_kind(data)}")
         self.data: Mapping[str, Any] = data
         self.used: set[str] = set()
 
@@ -176,7 +177,8 @@ class _Section:
         self.used.add(name)
         return self.data.get(name, default)
 
-    def get_str(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
+    def get_str(self, name: str, default: str | None = None, *,
+                choices: tuple[str, ...] = ()) -> str:
         value = self.raw(name, default)
         if value is None:
             raise self.error(name, "is required")
@@ -388,7 +390,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         try:
             agent_text = agent_path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise top.error("agent", f"cannot read agent file {agent_path}: {exc.strerror}") from None
+            raise top.error("agent",
+                            f"cannot read agent file {agent_path}: {exc.strerror}") from None
         agent_data = _load_yaml(str(agent_path), agent_text)
         if isinstance(agent_data, Mapping) and "agent" in agent_data:
             agent_data = agent_data["agent"]

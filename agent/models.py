@@ -181,7 +181,8 @@ def install(
         done = 0
         _LOGGER.info("downloading %s from %s", spec.name, source)
         try:
-            with urllib.request.urlopen(source, timeout=timeout_s) as resp, archive.open("wb") as out:
+            with urllib.request.urlopen(source, timeout=timeout_s) as resp, \
+                    archive.open("wb") as out:
                 for block in iter(lambda: resp.read(_CHUNK), b""):
                     out.write(block)
                     h.update(block)
@@ -193,7 +194,8 @@ def install(
         digest = h.hexdigest()
         if digest != expected:
             raise AgentError(
-                f"sha256 mismatch for {spec.name}: got {digest}, expected {expected}; not installed")
+                f"sha256 mismatch for {spec.name}: got {digest}, expected {expected}; "
+                "not installed")
         unpacked = Path(tmp) / "unpacked"
         unpacked.mkdir()
         if zipfile.is_zipfile(archive):

@@ -163,7 +163,7 @@ class CallSession:
         ]
         try:
             await asyncio.wait_for(self._done.wait(), timeout=self.config.turn.max_call_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._end(CallResult.TRANSFER, "max-call-duration", self._default_target())
         finally:
             for task in tasks:
@@ -407,7 +407,7 @@ class CallSession:
             while True:
                 try:
                     item = await asyncio.wait_for(tokens.get(), max(0.01, deadline - loop.time()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     _LOGGER.warning("call %s: LLM timed out", self.call_id)
                     break
                 if item is LLM_END:
@@ -497,8 +497,9 @@ class CallSession:
 
     def _default_target(self) -> str:
         for intent in self.config.agent.intents:
-            if intent.kind == "transfer" and intent.target in self.config.transfers:
-                return self.config.transfers[intent.target]
+            target = intent.target
+            if intent.kind == "transfer" and target and target in self.config.transfers:
+                return self.config.transfers[target]
         return next(iter(self.config.transfers.values()), "")
 
     def _caller_gone(self, why: str) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.config import Config
-from agent.engine.llm import LlamaLlm, LlmScheduler
+from agent.engine.llm import LlamaLlm, LlmRequest, LlmScheduler
 from agent.engine.stt import SttEngine, load_stt
 from agent.engine.tts import PhraseCache, PiperTts
 from agent.models import installed_vosk_english, require
@@ -46,10 +47,14 @@ class EngineBundle:
         else:
             path = require("whisper-tiny-en", m.whisper_model)
             stt = load_stt("whisper", str(path), cpu_threads=m.stt_threads)
+        warmup = getattr(stt, "warmup", None)
+        if callable(warmup):
+            warmup()  # the first decode allocates; don't make the first caller pay for it
         times["stt"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        tts = PiperTts(str(require("piper-en-us-joe-medium", m.tts_voice)), out_rate_hz=config.rate_hz)
+        tts = PiperTts(str(require("piper-en-us-joe-medium", m.tts_voice)),
+                       out_rate_hz=config.rate_hz)
         times["tts"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -66,6 +71,20 @@ class EngineBundle:
                      ", ".join(f"{k}={v:.2f}s" for k, v in times.items()))
         return cls(stt=stt, tts=tts, phrases=phrases, llm=scheduler, stt_backend=backend,
                    load_times_s=times)
+
+    def warm_llm(self, messages: list[dict[str, str]], timeout_s: float = 60.0) -> float:
+        """Evaluate a prompt once so its prefix (persona + knowledge) is cached; returns seconds.
+
+        llama.cpp reuses the longest common prefix of the previous evaluation, so after this the
+        first caller's open question costs only its own tokens.
+        """
+        done = threading.Event()
+        t0 = time.perf_counter()
+        request = LlmRequest(messages=messages, max_tokens=1, temperature=0.0)
+        self.llm.submit(request, lambda token: done.set() if token is None else None)
+        if not done.wait(timeout_s):
+            self.llm.cancel(request)
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the LLM worker thread."""

@@ -15,6 +15,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.call.session import CallOutcome, CallResult, CallSession, MediaEvent, MediaKind
 from agent.config import Config
@@ -30,8 +31,11 @@ AGI_COMMAND_TIMEOUT_S = 5.0
 
 
 def load_engines(config: Config) -> EngineBundle:
-    """Load the engines and pre-synthesize every fixed phrase the dialog can say."""
-    return EngineBundle.load(config, DialogPolicy(config.agent).fixed_phrases())
+    """Load the engines, pre-synthesize every fixed phrase and pre-fill the LLM prompt cache."""
+    policy = DialogPolicy(config.agent)
+    engines = EngineBundle.load(config, policy.fixed_phrases())
+    engines.load_times_s["llm_warm"] = engines.warm_llm(policy.llm_messages([], "Hello."))
+    return engines
 
 
 class AudioSocketMedia:
@@ -45,7 +49,7 @@ class AudioSocketMedia:
         """Next caller event; a closed socket means the caller hung up."""
         try:
             frame = await self.conn.read_frame(timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         except (ConnectionError, OSError):
             return MediaEvent(MediaKind.HANGUP)
@@ -108,8 +112,8 @@ class AsteriskAgent:
         self.engines = engines
         self.admission = Admission(config.max_calls)
         lis = config.listen
-        self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host,
-                                     port=lis.fastagi.port if fastagi_port is None else fastagi_port)
+        agi_port = lis.fastagi.port if fastagi_port is None else fastagi_port
+        self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host, port=agi_port)
         self.audiosocket = AudioSocketServer(
             host=lis.audiosocket.host,
             port=lis.audiosocket.port if audiosocket_port is None else audiosocket_port)
@@ -195,9 +199,9 @@ class AsteriskAgent:
         exec_task = asyncio.create_task(
             agi.exec("AudioSocket", f"{media_uuid},{self.advertise()}", timeout_s=None))
         try:
-            done, _ = await asyncio.wait({exec_task, connected},
-                                         timeout=MEDIA_CONNECT_TIMEOUT_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {exec_task, connected}
+            await asyncio.wait(waiters, timeout=MEDIA_CONNECT_TIMEOUT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
             if not session_holder and not connected.done():
                 # Asterisk never connected the media leg (or EXEC came back at once)
                 return CallOutcome(result=CallResult.ERROR, reason="audiosocket-not-connected")
@@ -207,7 +211,7 @@ class AsteriskAgent:
                     for session in session_holder:
                         session.abort("agi-gone")
                     break
-                await asyncio.wait({exec_task, connected}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             outcome = await connected
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(exec_task), AGI_COMMAND_TIMEOUT_S)

@@ -238,7 +238,7 @@ class ScriptedCaller:
         while not self._done.is_set():
             try:
                 frame = await peer.read_frame(timeout_s=3.0)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 continue
             now = self.clock()
             if frame is None:
@@ -292,8 +292,10 @@ class ScriptedCaller:
 
     async def _drive(self, peer: CallerPeer) -> None:
         self._capture = self.report.greeting_audio
-        await self._wait_agent_quiet()
-        for turn, pcm in zip(self.script.turns, self.turn_audio):
+        first = self.script.turns[0] if self.script.turns else None
+        if first is None or first.barge_in_after_ms is None:
+            await self._wait_agent_quiet()  # let the greeting finish, as a polite caller would
+        for turn, pcm in zip(self.script.turns, self.turn_audio, strict=True):
             if self._done.is_set():
                 return
             measure = TurnMeasure(said=turn.text or Path(turn.wav).name,
@@ -314,7 +316,8 @@ class ScriptedCaller:
                 while self._speech_end_at is None and not self._done.is_set():
                     await asyncio.sleep(0.01)
                 if turn.barge_in_after_ms is not None and self._speech_onset_at is not None:
-                    measure.barge_cut_ms = self._cut_after(self._speech_onset_at)
+                    measure.barge_cut_ms = self._cut_after(self._speech_onset_at,
+                                                           self._speech_end_at or self.clock())
                 got = await self._wait_agent_audio()
                 if got and self._first_audio_after is not None and self._speech_end_at:
                     measure.latency_ms = (self._first_audio_after - self._speech_end_at) * 1000.0
@@ -325,20 +328,18 @@ class ScriptedCaller:
                 return
             await self._wait_agent_quiet()
 
-    def _cut_after(self, onset: float, quiet_ms: float = 300.0) -> float | None:
-        """Ms from ``onset`` to the start of the first >= ``quiet_ms`` run of agent silence."""
-        run_start: float | None = None
+    def _cut_after(self, onset: float, speech_end: float) -> float:
+        """Ms from the caller's speech onset to the agent's last audible frame before the
+        caller stopped talking.
+
+        Conservative: a pause inside the agent's own speech cannot pass for a cut, because the
+        agent's audio would resume while the caller still talks.
+        """
+        last_loud = onset
         for t, silent in self._timeline:
-            if t < onset:
-                continue
-            if not silent:
-                run_start = None
-                continue
-            if run_start is None:
-                run_start = t
-            if (t - run_start) * 1000.0 >= quiet_ms:
-                return (run_start - onset) * 1000.0
-        return None
+            if onset <= t <= speech_end and not silent:
+                last_loud = t
+        return (last_loud - onset) * 1000.0 + FRAME_MS
 
     async def _wait_agent_audio_any(self, timeout_s: float = REPLY_WAIT_S) -> bool:
         end = self.clock() + timeout_s

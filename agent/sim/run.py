@@ -106,7 +106,7 @@ def format_table(report: SimCallReport) -> str:
 
     def fmt(cells: tuple[str, ...]) -> str:
         out = []
-        for cell, w in zip(cells, widths):
+        for cell, w in zip(cells, widths, strict=True):
             cell = cell if len(cell) <= w else cell[: w - 1] + "…"
             out.append(cell.ljust(w))
         return " | ".join(out)
