@@ -220,3 +220,27 @@ def test_bad_agi_header_does_not_stop_the_next_call(config: Config, engines: Eng
 
     report: SimCallReport = run_with_agent(config, engines, body)
     assert report.result == "BUSY"
+
+
+def test_slin16_call_gets_16khz_frames_back(config: Config, engines: EngineBundle) -> None:
+    from agent.audio import is_silent
+    from agent.sim.asterisk import FakeAsterisk, SimAudioSocketPeer
+
+    async def caller(peer: SimAudioSocketPeer) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 2.5
+        while loop.time() < end:
+            await peer.send_audio(bytes(640))  # kind 0x12: 20 ms of 16 kHz slin
+            await asyncio.sleep(0.02)
+        peer.hangup()
+
+    async def body(agent: AsteriskAgent) -> Any:
+        fake = FakeAsterisk("127.0.0.1", agent.fastagi.port, media=caller, rate_hz=16000)
+        return await fake.place_call()
+
+    result = run_with_agent(config, engines, body)
+    frames = [r.frame for r in result.peers[0].received if r.frame.is_audio]
+    late = frames[5:]  # the first frames may leave before Asterisk's first frame tells the rate
+    assert late and all(f.kind is Kind.AUDIO_16K and len(f.payload) == 640 for f in late)
+    assert any(not is_silent(f.payload) for f in late)  # the greeting, resampled to 16 kHz
+    assert result.variables["AGENT_RESULT"] == "DONE"

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.audio import resample
 from agent.call.session import CallOutcome, CallResult, CallSession, MediaEvent, MediaKind
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
@@ -39,11 +40,16 @@ def load_engines(config: Config) -> EngineBundle:
 
 
 class AudioSocketMedia:
-    """Adapts an AudioSocket connection to the session's MediaPort."""
+    """Adapts an AudioSocket connection to the session's MediaPort.
 
-    def __init__(self, conn: AudioSocketConnection) -> None:
+    The session runs at the configured rate. The AudioSocket application sends 8 kHz slin
+    (kind 0x10); the channel driver with ``c(slin16)`` sends 16 kHz (0x12). A frame at another
+    rate than the session's is resampled here, so a rate mismatch costs quality, never the call.
+    """
+
+    def __init__(self, conn: AudioSocketConnection, rate_hz: int) -> None:
         self.conn = conn
-        self.rate_hz = conn.rate_hz
+        self.rate_hz = rate_hz
 
     async def read(self, timeout_s: float) -> MediaEvent | None:
         """Next caller event; a closed socket means the caller hung up."""
@@ -53,16 +59,20 @@ class AudioSocketMedia:
             return None
         except (ConnectionError, OSError):
             return MediaEvent(MediaKind.HANGUP)
-        if frame is None or frame.kind is Kind.HANGUP:
+        if frame is None or frame.kind is Kind.HANGUP or frame.kind is Kind.ERROR:
             return MediaEvent(MediaKind.HANGUP)
         if frame.kind is Kind.DTMF:
             return MediaEvent(MediaKind.DTMF, digit=frame.payload.decode("ascii", "replace"))
-        if frame.kind is Kind.ERROR:
-            return MediaEvent(MediaKind.HANGUP)
-        return MediaEvent(MediaKind.AUDIO, audio=frame.payload)
+        audio = frame.payload
+        frame_rate = frame.rate_hz or self.rate_hz
+        if frame_rate != self.rate_hz:
+            audio = resample(audio, frame_rate, self.rate_hz)
+        return MediaEvent(MediaKind.AUDIO, audio=audio)
 
     async def send(self, frame: bytes) -> None:
-        """Send one frame of agent audio."""
+        """Send one frame of agent audio at the rate Asterisk uses on this connection."""
+        if self.conn.rate_hz != self.rate_hz:
+            frame = resample(frame, self.rate_hz, self.conn.rate_hz)
         await self.conn.send_audio(frame)
 
     async def finish(self) -> None:
@@ -183,8 +193,9 @@ class AsteriskAgent:
         session_holder: list[CallSession] = []
 
         async def on_media(conn: AudioSocketConnection) -> None:
+            media = AudioSocketMedia(conn, self.config.rate_hz)
             session = CallSession(call_id, self.config, self.engines,
-                                  DialogPolicy(self.config.agent), AudioSocketMedia(conn),
+                                  DialogPolicy(self.config.agent), media,
                                   self.stt_pool, self.tts_pool)
             session_holder.append(session)
             self.sessions[call_id] = session
