@@ -67,6 +67,8 @@ class TurnConfig:
     """Endpointing and barge-in, all measured in audio time (frames), not wall time."""
 
     endpoint_silence_ms: int = 360
+    #: start a one-shot STT decode after this much silence, before the endpoint (0 = off)
+    speculative_stt_ms: int = 200
     min_speech_ms: int = 120
     barge_in_ms: int = 160
     max_utterance_ms: int = 15000
@@ -352,6 +354,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     t = TurnConfig()
     turn = TurnConfig(
         endpoint_silence_ms=tu.get_int("endpoint_silence_ms", t.endpoint_silence_ms, 100, 3000),
+        speculative_stt_ms=tu.get_int("speculative_stt_ms", t.speculative_stt_ms, 0, 3000),
         min_speech_ms=tu.get_int("min_speech_ms", t.min_speech_ms, 20, 2000),
         barge_in_ms=tu.get_int("barge_in_ms", t.barge_in_ms, 40, 280),
         max_utterance_ms=tu.get_int("max_utterance_ms", t.max_utterance_ms, 1000, 60000),

@@ -97,3 +97,14 @@ def test_word_error_rate() -> None:
     assert word_error_rate("", "") == 0.0
     assert word_error_rate("", "noise") == 1.0
     assert word_error_rate("one", "") == 1.0
+
+
+def test_first_chunk_may_end_at_an_earlier_comma() -> None:
+    text = "Our hygienist can help with that, and the dentist will check your gums, too."
+    early = SentenceChunker(first_clause_chars=24)
+    late = SentenceChunker()
+    early_out = [s for tok in text.split(" ") for s in early.push(tok + " ")]
+    late_out = [s for tok in text.split(" ") for s in late.push(tok + " ")]
+    assert early_out[0] == "Our hygienist can help with that,"
+    # without it the first cut waits for a comma past 60 characters
+    assert late_out[0] == "Our hygienist can help with that, and the dentist will check your gums,"

@@ -32,6 +32,7 @@ from agent.dialog.policy import (
 )
 from agent.engine.bundle import EngineBundle
 from agent.engine.llm import LlmRequest
+from agent.engine.stt import SttResult
 from agent.engine.text import SentenceChunker
 from agent.engine.vad import FrameVad
 
@@ -139,7 +140,13 @@ class CallSession:
                                   t.max_utterance_ms)
         self.vad = FrameVad(self.rate_hz, t.vad_aggressiveness)
         self._utterances: asyncio.Queue[_Utterance | None] = asyncio.Queue()
-        self._stt_chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._stt_chunks: asyncio.Queue[bytes | asyncio.Future[SttResult] | None] = \
+            asyncio.Queue()
+        # speculative decoding: a one-shot transcription started before the endpoint fires
+        self._one_shot = getattr(engines.stt, "transcribe", None)
+        self._spec_frames = config.turn.speculative_stt_ms // FRAME_MS
+        self._utt_audio = bytearray()
+        self._spec: asyncio.Future[SttResult] | None = None
         self._preroll: deque[bytes] = deque(maxlen=PREROLL_MS // FRAME_MS)
         self._chunk = bytearray()
         self._chunk_bytes = frame_bytes(self.rate_hz, STT_CHUNK_MS)
@@ -244,9 +251,13 @@ class CallSession:
             elif event in (TurnEvent.SPEECH_END, TurnEvent.UTTERANCE_TOO_LONG):
                 self._push_stt(frame)
                 self._flush_stt_chunk()
-                self._stt_chunks.put_nowait(None)
+                self._stt_chunks.put_nowait(self._spec if event is TurnEvent.SPEECH_END
+                                            else None)
+                self._spec = None
+                self._utt_audio.clear()
             elif in_speech:
                 self._push_stt(frame)
+                self._maybe_speculate(voiced)
             else:
                 self._preroll.append(frame)
             self._tick_no_input(speaking, in_speech)
@@ -260,7 +271,20 @@ class CallSession:
             self._frames_since_agent = 0
             self._utterances.put_nowait(_Utterance("", 0.0, self.clock()))
 
+    def _maybe_speculate(self, voiced: bool) -> None:
+        """Start decoding a pause that may be the endpoint; forget it if speech resumes."""
+        if voiced:
+            self._spec = None
+            return
+        if (self._one_shot is not None and self._spec_frames > 0 and self._spec is None
+                and self.turns.state.silent_run == self._spec_frames):
+            loop = asyncio.get_running_loop()
+            self._spec = loop.run_in_executor(self.stt_pool, self._one_shot,
+                                              bytes(self._utt_audio), self.rate_hz)
+
     def _push_stt(self, frame: bytes) -> None:
+        if self._one_shot is not None:
+            self._utt_audio += frame
         self._chunk += frame
         if len(self._chunk) >= self._chunk_bytes:
             self._flush_stt_chunk()
@@ -277,12 +301,20 @@ class CallSession:
         try:
             while True:
                 chunk = await self._stt_chunks.get()
-                if chunk is not None:
+                if isinstance(chunk, bytes):
                     await loop.run_in_executor(self.stt_pool, stream.accept, chunk)
                     continue
                 endpoint_at = self.clock()
                 t0 = time.perf_counter()
-                result = await loop.run_in_executor(self.stt_pool, stream.finish)
+                result = None
+                if chunk is not None:  # a speculative decode of this utterance is under way
+                    try:
+                        result = await chunk
+                        await loop.run_in_executor(self.stt_pool, stream.reset)
+                    except Exception as exc:  # fall back to the stream's own final decode
+                        _LOGGER.warning("call %s: speculative STT failed: %r", self.call_id, exc)
+                if result is None:
+                    result = await loop.run_in_executor(self.stt_pool, stream.finish)
                 stt_ms = (time.perf_counter() - t0) * 1000.0
                 _LOGGER.info("call %s: heard %r (%.0f ms)", self.call_id, result.text, stt_ms)
                 if result.text.strip():
@@ -400,7 +432,7 @@ class CallSession:
                              temperature=self.config.llm.temperature)
         t0 = time.perf_counter()
         self._current_llm = self.engines.llm.submit(request, on_token)
-        chunker = SentenceChunker()
+        chunker = SentenceChunker(first_clause_chars=24)
         spoken: list[str] = []
         deadline = loop.time() + self.config.llm.timeout_ms / 1000.0
         try:

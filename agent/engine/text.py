@@ -43,9 +43,12 @@ _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 class SentenceChunker:
     """Split a token stream into speakable sentences as soon as each one is complete."""
 
-    def __init__(self, min_clause_chars: int = 60) -> None:
+    def __init__(self, min_clause_chars: int = 60, first_clause_chars: int | None = None) -> None:
+        """``first_clause_chars`` lets the first chunk end at a comma sooner (earlier audio)."""
         self._buf = ""
         self._min_clause_chars = min_clause_chars
+        self._first_clause_chars = first_clause_chars or min_clause_chars
+        self._emitted = 0
 
     def push(self, token: str) -> list[str]:
         """Add a token and return every sentence it completed (possibly none)."""
@@ -59,6 +62,7 @@ class SentenceChunker:
             self._buf = self._buf[cut:].lstrip()
             if sentence:
                 sentences.append(sentence)
+                self._emitted += 1
 
     def flush(self) -> str | None:
         """Return whatever text remains (the last, unterminated sentence) and clear it."""
@@ -73,7 +77,8 @@ class SentenceChunker:
             if ch == "\n":
                 return i + 1
             if ch in _CLAUSE_MARKS:
-                if i + 1 >= self._min_clause_chars and i + 1 < n and buf[i + 1].isspace():
+                limit = self._min_clause_chars if self._emitted else self._first_clause_chars
+                if i + 1 >= limit and i + 1 < n and buf[i + 1].isspace():
                     return i + 1
                 continue
             if ch not in _TERMINALS:
