@@ -85,6 +85,8 @@ class LlmConfig:
     max_tokens: int = 40
     temperature: float = 0.2
     timeout_ms: int = 6000
+    #: earlier exchanges put in the prompt; each costs prefill time on every open question
+    history_turns: int = 0
 
 
 @dataclass(frozen=True)
@@ -371,6 +373,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         max_tokens=ll.get_int("max_tokens", lc.max_tokens, 4, 512),
         temperature=ll.get_float("temperature", lc.temperature, 0.0, 2.0),
         timeout_ms=ll.get_int("timeout_ms", lc.timeout_ms, 500, 120000),
+        history_turns=ll.get_int("history_turns", lc.history_turns, 0, 2),
     )
     ll.check_unknown()
 

@@ -427,7 +427,9 @@ class CallSession:
         def on_token(token: str | None) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, LLM_END if token is None else token)
 
-        messages = self.policy.llm_messages(self._history, decision.user_text)
+        turns = self.config.llm.history_turns
+        history = self._history[-turns:] if turns else []
+        messages = self.policy.llm_messages(history, decision.user_text)
         request = LlmRequest(messages=messages, max_tokens=self.config.llm.max_tokens,
                              temperature=self.config.llm.temperature)
         t0 = time.perf_counter()
