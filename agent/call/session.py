@@ -1,35 +1,37 @@
 """One object per call: the turn loop (listen → understand → answer), barge-in, pacing.
 
-:class:`CallSession` owns a call's state. It reads caller frames from a :class:`MediaPort`,
-decides turns with the frame-clocked :class:`~agent.call.turn.TurnDetector`, sends exactly one
-20 ms frame every 20 ms (silence when the agent has nothing to say), and runs the blocking
-engines in thread pools so the event loop never stalls.
+:class:`CallSession` owns a call's state and is runtime-neutral: it uses plain threads and
+thread-safe queues, never asyncio or gevent, so the Asterisk (asyncio) and FreeSWITCH (gevent)
+processes drive the same code. The runtime does only the media I/O:
+
+- for every caller frame it calls :meth:`CallSession.on_audio` (cheap: VAD, endpointing,
+  barge-in, queueing STT chunks), :meth:`on_dtmf` or :meth:`on_hangup`;
+- every 20 ms it sends :meth:`CallSession.next_frame` (silence when the agent has nothing to
+  say), on absolute deadlines;
+- it waits for the session to end (:meth:`add_done_callback`), ends the media leg and hands the
+  :class:`CallOutcome` to the dialplan.
+
+Two threads per call do the blocking work: one feeds the STT stream, one runs the dialog
+(greeting, decisions, LLM streaming, TTS). Engine calls go through shared, bounded pools.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from agent.audio import FRAME_MS, frame_bytes, is_silent
+from agent.audio import FRAME_MS, frame_bytes
 from agent.call.playback import Playback
 from agent.call.turn import TurnDetector, TurnEvent
 from agent.config import Config
-from agent.dialog.policy import (
-    AskLlm,
-    DialogPolicy,
-    Hangup,
-    SayFixed,
-    Transfer,
-)
+from agent.dialog.policy import AskLlm, DialogPolicy, Hangup, SayFixed, Transfer
 from agent.engine.bundle import EngineBundle
 from agent.engine.llm import LlmRequest
 from agent.engine.stt import SttResult
@@ -40,39 +42,9 @@ _LOGGER = logging.getLogger(__name__)
 
 STT_CHUNK_MS = 100
 PREROLL_MS = 200
-LLM_END = object()
-
-
-class MediaKind(enum.Enum):
-    """What a media event carries."""
-
-    AUDIO = "audio"
-    DTMF = "dtmf"
-    HANGUP = "hangup"
-
-
-@dataclass(frozen=True)
-class MediaEvent:
-    """One event from the caller side of the media stream."""
-
-    kind: MediaKind
-    audio: bytes = b""
-    digit: str = ""
-
-
-class MediaPort(Protocol):
-    """The PBX media leg of a call, as the session sees it (AudioSocket, unicast UDP)."""
-
-    rate_hz: int
-
-    async def read(self, timeout_s: float) -> MediaEvent | None:
-        """Next caller event; None on timeout."""
-
-    async def send(self, frame: bytes) -> None:
-        """Send one 20 ms frame of agent audio."""
-
-    async def finish(self) -> None:
-        """End the media leg from our side (the dialplan then continues)."""
+JOIN_TIMEOUT_S = 5.0
+_STOP = object()
+_LLM_END = object()
 
 
 class CallResult(enum.Enum):
@@ -118,158 +90,179 @@ class _Utterance:
     endpoint_at: float
 
 
+class _Interrupted(Exception):
+    """The reply being produced was cut off (barge-in, new utterance, end of call)."""
+
+
 class CallSession:
-    """The conversation of one call over one media port."""
+    """The conversation of one call; the runtime feeds frames in and takes frames out."""
 
     def __init__(self, call_id: str, config: Config, engines: EngineBundle, policy: DialogPolicy,
-                 media: MediaPort, stt_pool: Executor, tts_pool: Executor,
+                 rate_hz: int, stt_pool: Executor, tts_pool: Executor,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.call_id = call_id
         self.config = config
         self.engines = engines
         self.policy = policy
-        self.media = media
+        self.rate_hz = rate_hz
         self.stt_pool = stt_pool
         self.tts_pool = tts_pool
         self.clock = clock
-        self.rate_hz = media.rate_hz
         self.outcome = CallOutcome()
-        self.playback = Playback(self.rate_hz)
+        self.playback = Playback(rate_hz)
         t = config.turn
         self.turns = TurnDetector(t.endpoint_silence_ms, t.min_speech_ms, t.barge_in_ms,
                                   t.max_utterance_ms)
-        self.vad = FrameVad(self.rate_hz, t.vad_aggressiveness)
-        self._utterances: asyncio.Queue[_Utterance | None] = asyncio.Queue()
-        self._stt_chunks: asyncio.Queue[bytes | asyncio.Future[SttResult] | None] = \
-            asyncio.Queue()
+        self.vad = FrameVad(rate_hz, t.vad_aggressiveness)
+        self._frame_bytes = frame_bytes(rate_hz)
+        self._stt_q: queue.Queue[object] = queue.Queue()
+        self._utt_q: queue.Queue[_Utterance | None] = queue.Queue()
+        self._preroll: deque[bytes] = deque(maxlen=PREROLL_MS // FRAME_MS)
+        self._pending = bytearray()  # caller audio not yet cut into 20 ms frames
+        self._chunk = bytearray()
+        self._chunk_bytes = frame_bytes(rate_hz, STT_CHUNK_MS)
         # speculative decoding: a one-shot transcription started before the endpoint fires
         self._one_shot = getattr(engines.stt, "transcribe", None)
-        self._spec_frames = config.turn.speculative_stt_ms // FRAME_MS
+        self._spec_frames = t.speculative_stt_ms // FRAME_MS
         self._utt_audio = bytearray()
-        self._spec: asyncio.Future[SttResult] | None = None
-        self._preroll: deque[bytes] = deque(maxlen=PREROLL_MS // FRAME_MS)
-        self._chunk = bytearray()
-        self._chunk_bytes = frame_bytes(self.rate_hz, STT_CHUNK_MS)
+        self._spec: Future[SttResult] | None = None
+        self._lock = threading.Lock()
         self._reply_id = 0
-        self._reply_started: dict[int, float] = {}
+        self._pending_latency: dict[int, tuple[TurnRecord, float]] = {}
         self._current_llm: LlmRequest | None = None
-        self._reply_task: asyncio.Task[None] | None = None
-        self._done = asyncio.Event()
+        self._replying = threading.Event()
+        self._interrupt = threading.Event()
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
         self._frames_since_agent = 0
+        self._last_sent: float | None = None
         self._history: list[tuple[str, str]] = []
-
-    # -- public -----------------------------------------------------------------------------
-
-    async def run(self) -> CallOutcome:
-        """Run the call until goodbye, transfer, error or caller hangup."""
-        tasks = [
-            asyncio.create_task(self._pace(), name=f"pace-{self.call_id}"),
-            asyncio.create_task(self._listen(), name=f"listen-{self.call_id}"),
-            asyncio.create_task(self._transcribe(), name=f"stt-{self.call_id}"),
-            asyncio.create_task(self._converse(), name=f"dialog-{self.call_id}"),
+        self._started_at = clock()
+        self._threads = [
+            threading.Thread(target=self._guard(self._stt_loop), name=f"stt-{call_id}",
+                             daemon=True),
+            threading.Thread(target=self._guard(self._dialog_loop), name=f"dialog-{call_id}",
+                             daemon=True),
         ]
-        try:
-            await asyncio.wait_for(self._done.wait(), timeout=self.config.turn.max_call_s)
-        except TimeoutError:
-            self._end(CallResult.TRANSFER, "max-call-duration", self._default_target())
-        finally:
-            for task in tasks:
-                task.cancel()
-            if self._reply_task is not None:
-                self._reply_task.cancel()
-            self._cancel_llm()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            for res in results:
-                if isinstance(res, Exception) and not isinstance(res, asyncio.CancelledError):
-                    _LOGGER.error("call %s: task failed: %r", self.call_id, res)
-            if not self.outcome.caller_hung_up:
-                with contextlib.suppress(Exception):
-                    await self.media.finish()
-        return self.outcome
 
-    def abort(self, reason: str) -> None:
-        """End the call from outside (AGI side vanished, drain)."""
-        self._end(CallResult.ERROR, reason)
+    # -- lifecycle ----------------------------------------------------------------------------
 
-    # -- tasks ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the STT and dialog threads (the greeting is queued at once)."""
+        for thread in self._threads:
+            thread.start()
 
-    async def _pace(self) -> None:
-        """Send exactly one frame per 20 ms on absolute deadlines (no drift, no bursts)."""
-        loop = asyncio.get_running_loop()
-        period = FRAME_MS / 1000.0
-        next_at = loop.time()
-        last_sent = self.clock()
-        while not self._done.is_set():
-            frame, started = self.playback.next_frame()
-            if started is not None:
-                self._reply_started[started] = self.clock()
-            try:
-                await self.media.send(frame)
-            except (ConnectionError, OSError) as exc:
-                self._caller_gone(f"send failed: {exc}")
+    @property
+    def done(self) -> bool:
+        """True once the call has ended (goodbye, transfer, error, hangup, abort)."""
+        return self._done.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the call ends (threads only; runtimes use add_done_callback)."""
+        return self._done.wait(timeout_s)
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from any thread) once the call has ended."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
                 return
-            now = self.clock()
-            self.outcome.max_send_gap_ms = max(self.outcome.max_send_gap_ms,
-                                               (now - last_sent) * 1000.0)
-            last_sent = now
-            next_at += period
-            delay = next_at - loop.time()
-            if delay < -0.2:
-                next_at = loop.time()  # we fell far behind (paused process): don't burst
-                delay = 0
-            await asyncio.sleep(max(0.0, delay))
+        callback()
 
-    async def _listen(self) -> None:
-        """Read caller media: voice activity, endpointing, barge-in, STT chunks, DTMF."""
-        while not self._done.is_set():
-            event = await self.media.read(timeout_s=2.5)
-            if event is None:
-                continue
-            if event.kind is MediaKind.HANGUP:
-                self._caller_gone("caller hung up")
-                return
-            if event.kind is MediaKind.DTMF:
-                self._on_dtmf(event.digit)
-                continue
-            self._on_audio(event.audio)
+    def abort(self, reason: str, result: CallResult = CallResult.ERROR) -> None:
+        """End the call from outside (AGI side vanished, shutdown, max duration)."""
+        self._end(result, reason, self.default_target() if result is CallResult.TRANSFER else "")
 
-    def _on_audio(self, audio: bytes) -> None:
-        size = frame_bytes(self.rate_hz)
-        for i in range(0, len(audio) - size + 1, size):
-            frame = audio[i:i + size]
-            voiced = self.vad.is_speech(frame)
-            speaking = self.playback.speaking or self._reply_busy()
-            event = self.turns.feed(voiced, speaking)
-            in_speech = self.turns.state.in_speech
-            if event in (TurnEvent.SPEECH_START, TurnEvent.BARGE_IN):
-                if event is TurnEvent.BARGE_IN:
-                    self._barge_in()
-                for pre in self._preroll:
-                    self._push_stt(pre)
-                self._preroll.clear()
-                self._push_stt(frame)
-            elif event in (TurnEvent.SPEECH_END, TurnEvent.UTTERANCE_TOO_LONG):
-                self._push_stt(frame)
-                self._flush_stt_chunk()
-                self._stt_chunks.put_nowait(self._spec if event is TurnEvent.SPEECH_END
-                                            else None)
-                self._spec = None
-                self._utt_audio.clear()
-            elif in_speech:
-                self._push_stt(frame)
-                self._maybe_speculate(voiced)
-            else:
-                self._preroll.append(frame)
-            self._tick_no_input(speaking, in_speech)
+    def threads_alive(self) -> bool:
+        """True while the call's STT or dialog thread still runs."""
+        return any(t.is_alive() for t in self._threads)
 
-    def _tick_no_input(self, speaking: bool, in_speech: bool) -> None:
-        if speaking or in_speech or self._reply_busy() or not self._utterances.empty():
+    def close(self) -> None:
+        """Stop the threads (bounded join); call after the call has ended."""
+        if not self._done.is_set():
+            self.abort("closed")
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(JOIN_TIMEOUT_S)
+                if thread.is_alive():
+                    _LOGGER.warning("call %s: thread %s did not stop", self.call_id, thread.name)
+
+    # -- media side (called by the runtime's I/O loop) -------------------------------------------
+
+    def on_audio(self, audio: bytes) -> None:
+        """Account for caller audio: VAD, endpointing, barge-in, STT chunks, no-input timer."""
+        if self._done.is_set():
+            return
+        self._pending += audio
+        size = self._frame_bytes
+        while len(self._pending) >= size:
+            frame = bytes(self._pending[:size])
+            del self._pending[:size]
+            self._on_frame(frame)
+
+    def on_dtmf(self, digit: str) -> None:
+        """A caller DTMF digit: `0` asks for a person."""
+        _LOGGER.info("call %s: DTMF %s", self.call_id, digit)
+        if digit == "0":
+            self._end(CallResult.TRANSFER, "dtmf-0", self.default_target())
+
+    def on_hangup(self) -> None:
+        """The caller hung up (media leg closed)."""
+        if not self._done.is_set():
+            _LOGGER.info("call %s: caller hung up", self.call_id)
+            self.outcome.caller_hung_up = True
+            self._end(CallResult.DONE, "caller-hangup")
+
+    def next_frame(self) -> bytes:
+        """The frame to send now; notes when each reply's first audio leaves."""
+        frame, started = self.playback.next_frame()
+        now = self.clock()
+        if self._last_sent is not None:
+            gap = (now - self._last_sent) * 1000.0
+            if gap > self.outcome.max_send_gap_ms:
+                self.outcome.max_send_gap_ms = gap
+        self._last_sent = now
+        if started is not None:
+            pending = self._pending_latency.pop(started, None)
+            if pending is not None:
+                record, endpoint_at = pending
+                record.endpoint_to_audio_ms = (now - endpoint_at) * 1000.0 + \
+                    self.config.turn.endpoint_silence_ms
+        return frame
+
+    def _on_frame(self, frame: bytes) -> None:
+        voiced = self.vad.is_speech(frame)
+        speaking = self.playback.speaking or self._replying.is_set()
+        event = self.turns.feed(voiced, speaking)
+        in_speech = self.turns.state.in_speech
+        if event in (TurnEvent.SPEECH_START, TurnEvent.BARGE_IN):
+            if event is TurnEvent.BARGE_IN:
+                self._barge_in()
+            for pre in self._preroll:
+                self._push_stt(pre)
+            self._preroll.clear()
+            self._push_stt(frame)
+        elif event in (TurnEvent.SPEECH_END, TurnEvent.UTTERANCE_TOO_LONG):
+            self._push_stt(frame)
+            self._flush_stt_chunk()
+            self._stt_q.put(self._spec if event is TurnEvent.SPEECH_END else None)
+            self._spec = None
+            self._utt_audio.clear()
+        elif in_speech:
+            self._push_stt(frame)
+            self._maybe_speculate(voiced)
+        else:
+            self._preroll.append(frame)
+        self._tick_no_input(speaking or in_speech)
+
+    def _tick_no_input(self, busy: bool) -> None:
+        if busy or not self._utt_q.empty():
             self._frames_since_agent = 0
             return
         self._frames_since_agent += 1
         if self._frames_since_agent * FRAME_MS >= self.config.turn.no_input_timeout_ms:
             self._frames_since_agent = 0
-            self._utterances.put_nowait(_Utterance("", 0.0, self.clock()))
+            self._utt_q.put(_Utterance("", 0.0, self.clock()))
 
     def _maybe_speculate(self, voiced: bool) -> None:
         """Start decoding a pause that may be the endpoint; forget it if speech resumes."""
@@ -278,9 +271,8 @@ class CallSession:
             return
         if (self._one_shot is not None and self._spec_frames > 0 and self._spec is None
                 and self.turns.state.silent_run == self._spec_frames):
-            loop = asyncio.get_running_loop()
-            self._spec = loop.run_in_executor(self.stt_pool, self._one_shot,
-                                              bytes(self._utt_audio), self.rate_hz)
+            self._spec = self.stt_pool.submit(self._one_shot, bytes(self._utt_audio),
+                                              self.rate_hz)
 
     def _push_stt(self, frame: bytes) -> None:
         if self._one_shot is not None:
@@ -291,160 +283,160 @@ class CallSession:
 
     def _flush_stt_chunk(self) -> None:
         if self._chunk:
-            self._stt_chunks.put_nowait(bytes(self._chunk))
+            self._stt_q.put(bytes(self._chunk))
             self._chunk.clear()
 
-    async def _transcribe(self) -> None:
-        """Feed ~100 ms chunks to this call's STT stream in a worker thread; finish per turn."""
-        loop = asyncio.get_running_loop()
+    def _barge_in(self) -> None:
+        dropped = self.playback.clear()
+        self._interrupt.set()
+        self._cancel_llm()
+        self.outcome.barge_ins += 1
+        if self.outcome.turns:
+            self.outcome.turns[-1].barged_in = True
+        _LOGGER.info("call %s: barge-in, dropped %d ms of agent audio", self.call_id,
+                     dropped * FRAME_MS)
+
+    # -- worker threads -----------------------------------------------------------------------
+
+    def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except Exception:  # a worker crash hands the call to a human, never a dead line
+                _LOGGER.exception("call %s: worker failed", self.call_id)
+                self._end(CallResult.TRANSFER, "engine-error", self.default_target())
+        return run
+
+    def _stt_loop(self) -> None:
+        """Feed ~100 ms chunks to this call's STT stream; finish per turn."""
         stream = self.engines.stt.open_stream(self.rate_hz)
         try:
-            while True:
-                chunk = await self._stt_chunks.get()
-                if isinstance(chunk, bytes):
-                    await loop.run_in_executor(self.stt_pool, stream.accept, chunk)
+            while not self._done.is_set():
+                try:
+                    item = self._stt_q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _STOP:
+                    return
+                if isinstance(item, bytes):
+                    self.stt_pool.submit(stream.accept, item).result()
                     continue
                 endpoint_at = self.clock()
                 t0 = time.perf_counter()
-                result = None
-                if chunk is not None:  # a speculative decode of this utterance is under way
+                result: SttResult | None = None
+                if isinstance(item, Future):  # a speculative decode of this utterance
                     try:
-                        result = await chunk
-                        await loop.run_in_executor(self.stt_pool, stream.reset)
+                        result = item.result()
+                        self.stt_pool.submit(stream.reset).result()
                     except Exception as exc:  # fall back to the stream's own final decode
                         _LOGGER.warning("call %s: speculative STT failed: %r", self.call_id, exc)
+                        result = None
                 if result is None:
-                    result = await loop.run_in_executor(self.stt_pool, stream.finish)
+                    result = self.stt_pool.submit(stream.finish).result()
                 stt_ms = (time.perf_counter() - t0) * 1000.0
-                _LOGGER.info("call %s: heard %r (%.0f ms)", self.call_id, result.text, stt_ms)
-                if result.text.strip():
-                    self._utterances.put_nowait(_Utterance(result.text.strip(), stt_ms,
-                                                           endpoint_at))
+                text = result.text.strip()
+                _LOGGER.info("call %s: heard %r (%.0f ms)", self.call_id, text, stt_ms)
+                if text:
+                    if self._replying.is_set():
+                        self._interrupt.set()  # the caller spoke again: drop the old reply
+                    self._utt_q.put(_Utterance(text, stt_ms, endpoint_at))
         finally:
             stream.close()
 
-    async def _converse(self) -> None:
-        """Greet, then answer each utterance; ends the call on goodbye or transfer."""
+    def _dialog_loop(self) -> None:
+        """Greet, then answer each utterance; ends the call on goodbye, transfer or silence."""
         agent = self.config.agent
         self.policy.note_reply(agent.greeting)
-        await self._say_fixed(agent.greeting)
+        self._say_fixed(agent.greeting, self._next_reply_id())
         no_input = 0
+        max_call_s = self.config.turn.max_call_s
         while not self._done.is_set():
-            utt = await self._utterances.get()
+            if self.clock() - self._started_at > max_call_s:
+                self.abort("max-call-duration", CallResult.TRANSFER)
+                return
+            try:
+                utt = self._utt_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if utt is None:
                 return
-            if self._reply_task is not None:
-                # a new utterance (barge-in) replaces whatever reply was still being produced
-                self._reply_task.cancel()
-                self._cancel_llm()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._reply_task
-                self._reply_task = None
+            self._interrupt.clear()
             if not utt.text:
                 no_input += 1
                 if no_input > self.config.turn.max_no_input_prompts:
-                    await self._say_fixed(agent.goodbye)
-                    await self._drain_playback()
-                    self._end(CallResult.DONE, "no-input")
+                    self._finish_with(agent.goodbye, CallResult.DONE, "no-input")
                     return
-                await self._say_fixed(agent.no_input_reply)
+                self._say_fixed(agent.no_input_reply, self._next_reply_id())
                 continue
             no_input = 0
-            self._reply_task = asyncio.create_task(self._answer(utt))
-            if not await self._wait_reply_or_utterance():
-                return
+            self._replying.set()
+            try:
+                self._answer(utt)
+            except _Interrupted:
+                _LOGGER.info("call %s: reply interrupted", self.call_id)
+            finally:
+                self._replying.clear()
 
-    async def _wait_reply_or_utterance(self) -> bool:
-        """Let the reply run; return False when the call ended."""
-        task = self._reply_task
-        assert task is not None
-        waiter = asyncio.create_task(self._wait_utterance_available())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task in done:
-            self._reply_task = None
-            exc = task.exception()
-            if exc is not None:
-                _LOGGER.error("call %s: reply failed: %r", self.call_id, exc)
-                await self._say_fixed(self.config.agent.error_reply)
-                await self._drain_playback()
-                self._end(CallResult.TRANSFER, "engine-error", self._default_target())
-                return False
-        return not self._done.is_set()
-
-    async def _wait_utterance_available(self) -> None:
-        while self._utterances.empty():
-            await asyncio.sleep(0.02)
-
-    async def _answer(self, utt: _Utterance) -> None:
+    def _answer(self, utt: _Utterance) -> None:
         decision = self.policy.decide(utt.text)
         record = TurnRecord(caller_text=utt.text, reply_text="", path="faq", stt_ms=utt.stt_ms)
         self.outcome.turns.append(record)
         reply_id = self._next_reply_id()
+        self._pending_latency[reply_id] = (record, utt.endpoint_at)
         if isinstance(decision, AskLlm):
             record.path = "llm"
-            await self._answer_llm(decision, record, reply_id)
+            self._answer_llm(decision, record, reply_id)
         elif isinstance(decision, Transfer):
             record.path = "transfer"
             record.reply_text = decision.text
-            await self._say_fixed(decision.text, reply_id, record)
-            await self._drain_playback()
             target = self.config.transfers.get(decision.target_name)
             if target is None:  # config validation makes this unreachable; stay safe anyway
-                self._end(CallResult.ERROR, "transfer-target-not-allowed")
+                self._finish_with(decision.text, CallResult.ERROR, "transfer-target-not-allowed",
+                                  reply_id=reply_id, record=record)
             else:
-                self._end(CallResult.TRANSFER, f"intent:{decision.target_name}", target)
+                self._finish_with(decision.text, CallResult.TRANSFER,
+                                  f"intent:{decision.target_name}", target, reply_id, record)
         elif isinstance(decision, Hangup):
             record.path = "goodbye"
             record.reply_text = decision.text
-            await self._say_fixed(decision.text, reply_id, record)
-            await self._drain_playback()
-            self._end(CallResult.DONE, "caller-goodbye")
+            self._finish_with(decision.text, CallResult.DONE, "caller-goodbye",
+                              reply_id=reply_id, record=record)
         elif isinstance(decision, SayFixed):
             record.reply_text = decision.text
-            await self._say_fixed(decision.text, reply_id, record)
             if decision.end_call:
-                await self._drain_playback()
-                self._end(CallResult.DONE, "agent-ended")
+                self._finish_with(decision.text, CallResult.DONE, "agent-ended",
+                                  reply_id=reply_id, record=record)
+            else:
+                self._say_fixed(decision.text, reply_id, record)
         self._history.append((utt.text, record.reply_text))
-        await self._note_latency(record, reply_id, utt)
 
-    async def _note_latency(self, record: TurnRecord, reply_id: int, utt: _Utterance) -> None:
-        for _ in range(500):
-            started = self._reply_started.get(reply_id)
-            if started is not None:
-                record.endpoint_to_audio_ms = (started - utt.endpoint_at) * 1000.0 + \
-                    self.config.turn.endpoint_silence_ms
-                return
-            if self._done.is_set():
-                return
-            await asyncio.sleep(0.02)
-
-    async def _answer_llm(self, decision: AskLlm, record: TurnRecord, reply_id: int) -> None:
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[object] = asyncio.Queue()
-
-        def on_token(token: str | None) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, LLM_END if token is None else token)
-
+    def _answer_llm(self, decision: AskLlm, record: TurnRecord, reply_id: int) -> None:
+        tokens: queue.Queue[object] = queue.Queue()
         turns = self.config.llm.history_turns
         history = self._history[-turns:] if turns else []
-        messages = self.policy.llm_messages(history, decision.user_text)
-        request = LlmRequest(messages=messages, max_tokens=self.config.llm.max_tokens,
+        request = LlmRequest(messages=self.policy.llm_messages(history, decision.user_text),
+                             max_tokens=self.config.llm.max_tokens,
                              temperature=self.config.llm.temperature)
         t0 = time.perf_counter()
-        self._current_llm = self.engines.llm.submit(request, on_token)
+        self._current_llm = self.engines.llm.submit(
+            request, lambda tok: tokens.put(_LLM_END if tok is None else tok))
         chunker = SentenceChunker(first_clause_chars=24)
         spoken: list[str] = []
-        deadline = loop.time() + self.config.llm.timeout_ms / 1000.0
+        fallback = self.config.agent.fallback
+        deadline = time.monotonic() + self.config.llm.timeout_ms / 1000.0
         try:
-            while True:
+            finished = False
+            while not finished and len(spoken) < 2:
+                self._check_interrupt()
                 try:
-                    item = await asyncio.wait_for(tokens.get(), max(0.01, deadline - loop.time()))
-                except TimeoutError:
-                    _LOGGER.warning("call %s: LLM timed out", self.call_id)
-                    break
-                if item is LLM_END:
+                    item = tokens.get(timeout=max(0.01, min(0.1, deadline - time.monotonic())))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        _LOGGER.warning("call %s: LLM timed out", self.call_id)
+                        break
+                    continue
+                if item is _LLM_END:
+                    finished = True
                     rest = chunker.flush()
                     sentences = [rest] if rest else []
                 else:
@@ -452,109 +444,97 @@ class CallSession:
                         record.llm_first_token_ms = (time.perf_counter() - t0) * 1000.0
                     sentences = chunker.push(str(item))
                 for sentence in sentences:
-                    if len(spoken) >= 2:
-                        break
                     reply = self.policy.finalize_llm_reply(sentence)
-                    fallback = self.config.agent.fallback
-                    if reply == fallback or not reply:
-                        if not spoken:
-                            spoken.append(fallback)
-                            await self._say_fixed(fallback, reply_id, record)
-                        self._cancel_llm()
-                        item = LLM_END
+                    if not reply or reply == fallback:
+                        finished = True  # never speak past an unsupported claim
                         break
                     spoken.append(reply)
-                    await self._say_tts(reply, reply_id, record, t0)
-                if item is LLM_END or len(spoken) >= 2:
-                    break
+                    self._say_tts(reply, reply_id, record, t0)
+                    if len(spoken) >= 2:
+                        break
         finally:
             self._cancel_llm()
         if not spoken:
-            spoken.append(self.config.agent.fallback)
-            await self._say_fixed(self.config.agent.fallback, reply_id, record)
+            spoken.append(fallback)
+            self._say_fixed(fallback, reply_id, record)
         record.reply_text = " ".join(spoken)
 
     # -- speaking -----------------------------------------------------------------------------
+
+    def _check_interrupt(self) -> None:
+        if self._interrupt.is_set() or self._done.is_set():
+            raise _Interrupted()
 
     def _next_reply_id(self) -> int:
         self._reply_id += 1
         return self._reply_id
 
-    async def _say_fixed(self, text: str, reply_id: int | None = None,
-                         record: TurnRecord | None = None) -> None:
-        """Queue a fixed phrase: cached audio when present, else synthesized now."""
-        rid = reply_id if reply_id is not None else self._next_reply_id()
+    def _synthesize(self, text: str) -> bytes:
         audio = self.engines.phrases.get(text)
         if audio is None:
-            loop = asyncio.get_running_loop()
-            audio = await loop.run_in_executor(self.tts_pool, self.engines.tts.synthesize, text)
-        elif record is not None:
-            record.tts_first_audio_ms = 0.0
-        self.playback.enqueue(audio, rid)
+            audio = self.tts_pool.submit(self.engines.tts.synthesize, text).result()
+        return audio
 
-    async def _say_tts(self, text: str, reply_id: int, record: TurnRecord, t0: float) -> None:
-        loop = asyncio.get_running_loop()
-        audio = self.engines.phrases.get(text)
-        if audio is None:
-            audio = await loop.run_in_executor(self.tts_pool, self.engines.tts.synthesize, text)
+    def _say_fixed(self, text: str, reply_id: int, record: TurnRecord | None = None) -> None:
+        """Queue a fixed phrase: cached audio when present, else synthesized now."""
+        cached = self.engines.phrases.get(text) is not None
+        audio = self._synthesize(text)
+        self._check_interrupt()
+        if record is not None and cached and record.tts_first_audio_ms is None:
+            record.tts_first_audio_ms = 0.0
+        self.playback.enqueue(audio, reply_id)
+
+    def _say_tts(self, text: str, reply_id: int, record: TurnRecord, t0: float) -> None:
+        audio = self._synthesize(text)
+        self._check_interrupt()
         if record.tts_first_audio_ms is None:
             record.tts_first_audio_ms = (time.perf_counter() - t0) * 1000.0
         self.playback.enqueue(audio, reply_id)
 
-    async def _drain_playback(self) -> None:
-        """Wait until the queued agent audio has been sent (bounded by its own length)."""
+    def _finish_with(self, text: str, result: CallResult, reason: str, target: str = "",
+                     reply_id: int | None = None, record: TurnRecord | None = None) -> None:
+        """Say a last phrase, let it play out, then end the call."""
+        try:
+            self._say_fixed(text, reply_id if reply_id is not None else self._next_reply_id(),
+                            record)
+        except _Interrupted:
+            pass
+        # the last words are not interruptible: wait for them to leave (bounded by their length)
         limit = self.clock() + self.playback.queued_ms / 1000.0 + 2.0
         while self.playback.speaking and not self._done.is_set() and self.clock() < limit:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
-
-    def _reply_busy(self) -> bool:
-        return self._reply_task is not None and not self._reply_task.done()
-
-    def _barge_in(self) -> None:
-        dropped = self.playback.clear()
-        self.outcome.barge_ins += 1
-        if self.outcome.turns:
-            self.outcome.turns[-1].barged_in = True
-        _LOGGER.info("call %s: barge-in, dropped %d ms of agent audio", self.call_id,
-                     dropped * FRAME_MS)
+            self._done.wait(0.02)
+        self._done.wait(0.1)
+        self._end(result, reason, target)
 
     def _cancel_llm(self) -> None:
-        if self._current_llm is not None:
-            self.engines.llm.cancel(self._current_llm)
+        request = self._current_llm
+        if request is not None:
+            self.engines.llm.cancel(request)
             self._current_llm = None
 
-    def _on_dtmf(self, digit: str) -> None:
-        _LOGGER.info("call %s: DTMF %s", self.call_id, digit)
-        if digit == "0":
-            self._end(CallResult.TRANSFER, "dtmf-0", self._default_target())
-
-    def _default_target(self) -> str:
+    def default_target(self) -> str:
+        """The human fallback: the first transfer intent's allowlisted target."""
         for intent in self.config.agent.intents:
             target = intent.target
             if intent.kind == "transfer" and target and target in self.config.transfers:
                 return self.config.transfers[target]
         return next(iter(self.config.transfers.values()), "")
 
-    def _caller_gone(self, why: str) -> None:
-        if not self._done.is_set():
-            _LOGGER.info("call %s: %s", self.call_id, why)
-            self.outcome.caller_hung_up = True
-            self._end(CallResult.DONE, "caller-hangup")
-
     def _end(self, result: CallResult, reason: str, transfer_to: str = "") -> None:
-        if self._done.is_set():
-            return
-        self.outcome.result = result
-        self.outcome.reason = reason
-        self.outcome.transfer_to = transfer_to
-        self._done.set()
-        self._utterances.put_nowait(None)
-
-
-def audio_is_speech(frame: bytes) -> bool:
-    """True for a frame with audible content (used to find the first agent audio)."""
-    return not is_silent(frame)
-
-
-SessionFactory = Callable[[str, MediaPort], Awaitable[CallOutcome]]
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.outcome.result = result
+            self.outcome.reason = reason
+            self.outcome.transfer_to = transfer_to
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        self._interrupt.set()
+        self._cancel_llm()
+        self._stt_q.put(_STOP)
+        self._utt_q.put(None)
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _LOGGER.exception("call %s: done callback failed", self.call_id)

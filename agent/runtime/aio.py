@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.audio import resample
-from agent.call.session import CallOutcome, CallResult, CallSession, MediaEvent, MediaKind
+from agent.audio import FRAME_MS, resample
+from agent.call.session import CallOutcome, CallResult, CallSession
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
@@ -40,44 +40,91 @@ def load_engines(config: Config) -> EngineBundle:
 
 
 class AudioSocketMedia:
-    """Adapts an AudioSocket connection to the session's MediaPort.
+    """The AudioSocket leg of a call, at the session's rate.
 
-    The session runs at the configured rate. The AudioSocket application sends 8 kHz slin
-    (kind 0x10); the channel driver with ``c(slin16)`` sends 16 kHz (0x12). A frame at another
-    rate than the session's is resampled here, so a rate mismatch costs quality, never the call.
+    The AudioSocket application sends 8 kHz slin (kind 0x10); the channel driver with
+    ``c(slin16)`` sends 16 kHz (0x12). A frame at another rate than the session's is resampled
+    here, so a rate mismatch costs quality, never the call.
     """
 
     def __init__(self, conn: AudioSocketConnection, rate_hz: int) -> None:
         self.conn = conn
         self.rate_hz = rate_hz
 
-    async def read(self, timeout_s: float) -> MediaEvent | None:
-        """Next caller event; a closed socket means the caller hung up."""
-        try:
-            frame = await self.conn.read_frame(timeout_s)
-        except TimeoutError:
-            return None
-        except (ConnectionError, OSError):
-            return MediaEvent(MediaKind.HANGUP)
-        if frame is None or frame.kind is Kind.HANGUP or frame.kind is Kind.ERROR:
-            return MediaEvent(MediaKind.HANGUP)
-        if frame.kind is Kind.DTMF:
-            return MediaEvent(MediaKind.DTMF, digit=frame.payload.decode("ascii", "replace"))
-        audio = frame.payload
-        frame_rate = frame.rate_hz or self.rate_hz
-        if frame_rate != self.rate_hz:
-            audio = resample(audio, frame_rate, self.rate_hz)
-        return MediaEvent(MediaKind.AUDIO, audio=audio)
+    async def pump_in(self, session: CallSession) -> None:
+        """Read caller frames into the session until the caller hangs up or the call ends."""
+        while not session.done:
+            try:
+                frame = await self.conn.read_frame(2.5)
+            except TimeoutError:
+                continue
+            except (ConnectionError, OSError):
+                frame = None
+            if frame is None or frame.kind in (Kind.HANGUP, Kind.ERROR):
+                session.on_hangup()
+                return
+            if frame.kind is Kind.DTMF:
+                session.on_dtmf(frame.payload.decode("ascii", "replace"))
+                continue
+            audio = frame.payload
+            frame_rate = frame.rate_hz or self.rate_hz
+            if frame_rate != self.rate_hz:
+                audio = resample(audio, frame_rate, self.rate_hz)
+            session.on_audio(audio)
 
-    async def send(self, frame: bytes) -> None:
-        """Send one frame of agent audio at the rate Asterisk uses on this connection."""
-        if self.conn.rate_hz != self.rate_hz:
-            frame = resample(frame, self.rate_hz, self.conn.rate_hz)
-        await self.conn.send_audio(frame)
+    async def pump_out(self, session: CallSession) -> None:
+        """Send exactly one 20 ms frame every 20 ms on absolute deadlines (no drift, no bursts)."""
+        loop = asyncio.get_running_loop()
+        period = FRAME_MS / 1000.0
+        next_at = loop.time()
+        while not session.done:
+            frame = session.next_frame()
+            if self.conn.rate_hz != self.rate_hz:
+                frame = resample(frame, self.rate_hz, self.conn.rate_hz)
+            try:
+                await self.conn.send_audio(frame)
+            except (ConnectionError, OSError):
+                session.on_hangup()
+                return
+            next_at += period
+            delay = next_at - loop.time()
+            if delay < -0.2:
+                next_at = loop.time()  # we fell far behind (paused process): don't burst
+                delay = 0.0
+            await asyncio.sleep(max(0.0, delay))
 
     async def finish(self) -> None:
         """Send the 0x00 hangup frame: AudioSocket() returns 0 and the dialplan continues."""
         await self.conn.send_hangup()
+
+
+async def drive_session(session: CallSession, media: AudioSocketMedia) -> CallOutcome:
+    """Run one call's media I/O around its session until the call ends."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+
+    def on_done() -> None:
+        loop.call_soon_threadsafe(ended.set)
+
+    session.add_done_callback(on_done)
+    session.start()
+    tasks = [asyncio.create_task(media.pump_in(session), name=f"in-{session.call_id}"),
+             asyncio.create_task(media.pump_out(session), name=f"out-{session.call_id}")]
+    try:
+        await ended.wait()
+    finally:
+        if not session.done:
+            session.abort("cancelled")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not session.outcome.caller_hung_up:
+            with contextlib.suppress(Exception):
+                await media.finish()
+        limit = loop.time() + 5.0
+        while session.threads_alive() and loop.time() < limit:
+            await asyncio.sleep(0.02)
+    return session.outcome
 
 
 @dataclass
@@ -193,14 +240,13 @@ class AsteriskAgent:
         session_holder: list[CallSession] = []
 
         async def on_media(conn: AudioSocketConnection) -> None:
-            media = AudioSocketMedia(conn, self.config.rate_hz)
             session = CallSession(call_id, self.config, self.engines,
-                                  DialogPolicy(self.config.agent), media,
+                                  DialogPolicy(self.config.agent), self.config.rate_hz,
                                   self.stt_pool, self.tts_pool)
             session_holder.append(session)
             self.sessions[call_id] = session
             try:
-                outcome = await session.run()
+                outcome = await drive_session(session, AudioSocketMedia(conn, self.config.rate_hz))
             finally:
                 self.sessions.pop(call_id, None)
             if not connected.done():
