@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +35,11 @@ def _load(args: argparse.Namespace, embedded_default: bool = False) -> Config:
 # -- serve -------------------------------------------------------------------------------------
 
 async def _serve(config: Config) -> int:
-    from agent.runtime.aio import AsteriskAgent, load_engines
+    import asyncio
+    import signal
+
+    from agent.runtime.aio import AsteriskAgent
+    from agent.runtime.engines import load_engines
 
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
@@ -59,19 +61,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the agent for the PBX named in the config."""
     config = _load(args)
     _setup_logging(config.log_level)
-    if config.pbx != "asterisk":
-        print(f"{config.path}: pbx: {config.pbx!r} is not supported by this build yet "
-              "(only asterisk)", file=sys.stderr)
-        return 2
+    if config.pbx == "freeswitch":
+        # gevent process: asyncio is never imported here
+        from agent.runtime.engines import load_engines
+        from agent.runtime.green import serve
+
+        t0 = time.perf_counter()
+
+        def ready(agent: object) -> None:
+            _LOGGER.info("ready in %.1f s, RSS %.0f MiB", time.perf_counter() - t0, _rss_mib())
+
+        return serve(config, load_engines, ready)
+    import asyncio
+
     return asyncio.run(_serve(config))
 
 
 # -- demo --------------------------------------------------------------------------------------
 
 async def _demo(config: Config, script_name: str, quiet: bool) -> int:
+    import asyncio
+
     from agent.engine.tts import PiperTts
     from agent.models import require
-    from agent.runtime.aio import AsteriskAgent, load_engines
+    from agent.runtime.aio import AsteriskAgent
+    from agent.runtime.engines import load_engines
     from agent.sim.caller import builtin_script, load_script
     from agent.sim.run import format_table, run_sim_call
 
@@ -133,6 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.pbx != "asterisk":
         print("demo: --pbx freeswitch is not supported by this build yet", file=sys.stderr)
         return 2
+    import asyncio
+
     return asyncio.run(_demo(config, args.script, args.quiet))
 
 

@@ -22,7 +22,8 @@ import psutil
 from agent.config import default_config
 from agent.engine.tts import PiperTts
 from agent.models import require
-from agent.runtime.aio import AsteriskAgent, load_engines
+from agent.runtime.aio import AsteriskAgent
+from agent.runtime.engines import load_engines
 from agent.sim.caller import builtin_script
 from agent.sim.run import run_sim_call
 

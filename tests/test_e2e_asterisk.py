@@ -24,7 +24,8 @@ from agent.pbx.asterisk.audiosocket import (
     audio_frame,
     uuid_frame,
 )
-from agent.runtime.aio import AsteriskAgent, load_engines
+from agent.runtime.aio import AsteriskAgent
+from agent.runtime.engines import load_engines
 from agent.sim.asterisk import build_agi_env_block
 from agent.sim.caller import builtin_script
 from agent.sim.run import SimCallReport, run_sim_call

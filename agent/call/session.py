@@ -379,15 +379,16 @@ class CallSession:
 
     def _answer(self, utt: _Utterance) -> None:
         decision = self.policy.decide(utt.text)
-        record = TurnRecord(caller_text=utt.text, reply_text="", path="faq", stt_ms=utt.stt_ms)
+        record = TurnRecord(caller_text=utt.text, reply_text="", path=_path_of(decision),
+                            stt_ms=utt.stt_ms)
         self.outcome.turns.append(record)
+        _LOGGER.info("call %s: turn %d path=%s heard=%r", self.call_id, len(self.outcome.turns),
+                     record.path, utt.text)
         reply_id = self._next_reply_id()
         self._pending_latency[reply_id] = (record, utt.endpoint_at)
         if isinstance(decision, AskLlm):
-            record.path = "llm"
             self._answer_llm(decision, record, reply_id)
         elif isinstance(decision, Transfer):
-            record.path = "transfer"
             record.reply_text = decision.text
             target = self.config.transfers.get(decision.target_name)
             if target is None:  # config validation makes this unreachable; stay safe anyway
@@ -397,7 +398,6 @@ class CallSession:
                 self._finish_with(decision.text, CallResult.TRANSFER,
                                   f"intent:{decision.target_name}", target, reply_id, record)
         elif isinstance(decision, Hangup):
-            record.path = "goodbye"
             record.reply_text = decision.text
             self._finish_with(decision.text, CallResult.DONE, "caller-goodbye",
                               reply_id=reply_id, record=record)
@@ -538,3 +538,15 @@ class CallSession:
                 callback()
             except Exception:
                 _LOGGER.exception("call %s: done callback failed", self.call_id)
+
+
+def _path_of(decision: object) -> str:
+    """The KPI name of a decision's path: faq, llm, transfer or goodbye."""
+    if isinstance(decision, AskLlm):
+        return "llm"
+    if isinstance(decision, Transfer):
+        return "transfer"
+    if isinstance(decision, Hangup):
+        return "goodbye"
+    return "faq"
+

@@ -31,14 +31,6 @@ MEDIA_CONNECT_TIMEOUT_S = 5.0
 AGI_COMMAND_TIMEOUT_S = 5.0
 
 
-def load_engines(config: Config) -> EngineBundle:
-    """Load the engines, pre-synthesize every fixed phrase and pre-fill the LLM prompt cache."""
-    policy = DialogPolicy(config.agent)
-    engines = EngineBundle.load(config, policy.fixed_phrases())
-    engines.load_times_s["llm_warm"] = engines.warm_llm(policy.llm_messages([], "Hello."))
-    return engines
-
-
 class AudioSocketMedia:
     """The AudioSocket leg of a call, at the session's rate.
 

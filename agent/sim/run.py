@@ -7,9 +7,10 @@ import contextlib
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.engine.text import word_error_rate
-from agent.sim.asterisk import FakeAsterisk, SimAudioSocketPeer, SimCallResult
+from agent.sim.asterisk import FakeAsterisk
 from agent.sim.caller import CallerReport, CallerScript, ScriptedCaller, Synth, render_turn_audio
 
 Transcriber = Callable[[bytes], str]
@@ -33,20 +34,33 @@ class SimCallReport:
     """A simulated call seen from both sides."""
 
     script: str
-    pbx: SimCallResult
+    pbx: Any  # SimCallResult (Asterisk) or SimFsCallResult (FreeSWITCH)
     caller: CallerReport
     rows: list[TurnRow] = field(default_factory=list)
     greeting_text: str = ""
 
     @property
     def result(self) -> str:
-        """`AGENT_RESULT` as the dialplan would see it."""
-        return self.pbx.variables.get("AGENT_RESULT", "")
+        """`AGENT_RESULT` (Asterisk) or `agent_result` (FreeSWITCH) as the dialplan sees it."""
+        return str(self.pbx.variables.get("AGENT_RESULT") or
+                   self.pbx.variables.get("agent_result", ""))
 
     @property
     def transfer_to(self) -> str:
-        """`AGENT_TRANSFER_TO` as the dialplan would see it."""
-        return self.pbx.variables.get("AGENT_TRANSFER_TO", "")
+        """`AGENT_TRANSFER_TO` / `agent_transfer_to` as the dialplan sees it."""
+        return str(self.pbx.variables.get("AGENT_TRANSFER_TO") or
+                   self.pbx.variables.get("agent_transfer_to", ""))
+
+    @property
+    def reason(self) -> str:
+        """`AGENT_REASON` / `agent_reason` as the dialplan sees it."""
+        return str(self.pbx.variables.get("AGENT_REASON") or
+                   self.pbx.variables.get("agent_reason", ""))
+
+    @property
+    def call_id(self) -> str:
+        """The PBX's id of the call (Asterisk uniqueid, FreeSWITCH Unique-ID)."""
+        return str(getattr(self.pbx, "uniqueid", "") or getattr(self.pbx, "uuid", ""))
 
     def latencies(self, path: str | None = None) -> list[float]:
         """Measured response latencies (ms), optionally for one path (faq, llm, transfer...)."""
@@ -62,22 +76,32 @@ class SimCallReport:
 async def run_sim_call(agi_host: str, agi_port: int, script: CallerScript, synth: Synth,
                        transcribe: Transcriber | None = None,
                        agent_turns: Callable[[str], list[tuple[str, str]]] | None = None,
-                       rate_hz: int = 8000, seed: int = 0) -> SimCallReport:
-    """Place one scripted call; ``agent_turns(uniqueid)`` gives (heard, path) per turn if known."""
+                       rate_hz: int = 8000, seed: int = 0,
+                       pbx: str = "asterisk") -> SimCallReport:
+    """Place one scripted call into an Asterisk (FastAGI port) or FreeSWITCH (outbound ESL
+    port) agent; ``agent_turns(call_id)`` gives (heard, path) per turn if known."""
     loop = asyncio.get_running_loop()
     audio = [await loop.run_in_executor(None, render_turn_audio, script, t, synth, rate_hz,
                                         seed + i)
              for i, t in enumerate(script.turns)]
     caller = ScriptedCaller(script, audio, rate_hz)
 
-    async def media(peer: SimAudioSocketPeer) -> None:
+    async def media(peer: Any) -> None:
         await caller.run(peer)
 
-    fake = FakeAsterisk(agi_host, agi_port, media=media, rate_hz=rate_hz)
-    pbx = await fake.place_call(callerid=script.callerid, calleridname=script.calleridname,
-                                dnid=script.dnid)
-    report = SimCallReport(script.name, pbx, caller.report)
-    heard = agent_turns(pbx.uniqueid) if agent_turns else []
+    if pbx == "freeswitch":
+        from agent.sim.freeswitch import FakeFreeSwitch
+
+        fs = FakeFreeSwitch(agi_host, agi_port, media=media, rate_hz=rate_hz)
+        result: Any = await fs.place_call(caller_id_number=script.callerid,
+                                          caller_id_name=script.calleridname,
+                                          destination_number=script.dnid)
+    else:
+        fake = FakeAsterisk(agi_host, agi_port, media=media, rate_hz=rate_hz)
+        result = await fake.place_call(callerid=script.callerid,
+                                       calleridname=script.calleridname, dnid=script.dnid)
+    report = SimCallReport(script.name, result, caller.report)
+    heard = agent_turns(report.call_id) if agent_turns else []
     for i, m in enumerate(caller.report.turns):
         row = TurnRow(caller_said=m.said, agent_heard="", agent_replied="",
                       latency_ms=m.latency_ms, barge_cut_ms=m.barge_cut_ms)

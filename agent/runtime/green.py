@@ -1,0 +1,283 @@
+"""The FreeSWITCH process: greenswitch's outbound-ESL server on gevent, unicast UDP media.
+
+Never imported together with asyncio (the Asterisk runtime): `pbx-agent serve` imports this
+module only when the config says ``pbx: freeswitch``. No monkey-patching: the engines and the
+call session's worker threads are real threads; greenlets only do socket I/O and never block
+on an engine. Call flow (DESIGN.md): ``connect`` (greenswitch does it), ``myevents``,
+``linger``, admission (ours, before answering), ``answer``, ``unicast`` to a per-call UDP
+socket on 127.0.0.1, the conversation, ``set agent_result=...``, ``exit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as pysocket
+import time
+import uuid as uuid_mod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import gevent.socket as gsocket
+from gevent import Timeout
+from greenswitch.esl import OutboundESLServer, OutboundSession
+
+from agent.audio import FRAME_MS, frame_bytes
+from agent.call.session import CallOutcome, CallResult, CallSession
+from agent.config import Config
+from agent.dialog.policy import DialogPolicy
+from agent.engine.bundle import EngineBundle
+
+_LOGGER = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 5.0
+HANGUP_POLL_S = 0.05
+
+
+def _free_udp_port(host: str) -> int:
+    """A UDP port that is free now, for FreeSWITCH's end of the unicast stream."""
+    with pysocket.socket(pysocket.AF_INET, pysocket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class GreenAdmission:
+    """Reserve a slot before answering (greenlets share one thread: no lock needed)."""
+
+    max_calls: int
+    active: int = 0
+    refused: int = 0
+
+    def try_reserve(self) -> bool:
+        """Take a slot, counting reserved-but-not-started calls."""
+        if self.active >= self.max_calls:
+            self.refused += 1
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.active = max(0, self.active - 1)
+
+
+class EslCallApp:
+    """One call on the outbound Event Socket (greenswitch hands us a connected session)."""
+
+    def __init__(self, session: OutboundSession, agent: FreeSwitchAgent) -> None:
+        self.esl = session
+        self.agent = agent
+        data: dict[str, str] = session.session_data or {}
+        self.uuid = data.get("Unique-ID") or data.get("Channel-Unique-ID") or uuid_mod.uuid4().hex
+        self.caller = data.get("Caller-Caller-ID-Number", "")
+        try:
+            self.rate_hz = int(data.get("Channel-Read-Codec-Rate", "8000"))
+        except ValueError:
+            self.rate_hz = 8000
+        if self.rate_hz not in (8000, 16000):
+            self.rate_hz = 8000
+        self.outcome = CallOutcome()
+
+    def _send(self, raw: str) -> str:
+        """Send a command and return its reply text; every wait has a timeout."""
+        with Timeout(COMMAND_TIMEOUT_S):
+            reply = self.esl.send(raw)
+        return str(getattr(reply, "data", "") or "")
+
+    def _set(self, name: str, value: str) -> None:
+        value = value.replace("\n", " ")
+        self._send(f"sendmsg\ncall-command: execute\nexecute-app-name: set\n"
+                   f"execute-app-arg: {name}={value}")
+
+    def _caller_gone(self) -> bool:
+        esl = self.esl
+        return (not esl.connected) or esl._lingering or not esl._outbound_connected
+
+    def run(self) -> None:
+        """The whole call; any failure hands the call back to the dialplan with a reason."""
+        reserved = False
+        try:
+            self._send("myevents")
+            self._send("linger")
+            if not self.agent.admission.try_reserve():
+                _LOGGER.info("call %s: refused (capacity)", self.uuid)
+                self.outcome = CallOutcome(result=CallResult.BUSY, reason="capacity")
+            else:
+                reserved = True
+                self.outcome = self._converse()
+        except (Timeout, Exception) as exc:  # the call boundary: log, hand back, keep serving
+            _LOGGER.exception("call %s: failed", self.uuid)
+            self.outcome = CallOutcome(result=CallResult.ERROR,
+                                       reason=f"internal:{type(exc).__name__}")
+        finally:
+            if reserved:
+                self.agent.admission.release()
+        self._hand_back()
+        self.agent.finished.append((self.uuid, self.outcome))
+
+    def _hand_back(self) -> None:
+        if self._caller_gone() and not self.esl.connected:
+            return
+        try:
+            self._set("agent_result", self.outcome.result.value)
+            self._set("agent_reason", self.outcome.reason)
+            if self.outcome.transfer_to:
+                self._set("agent_transfer_to", self.outcome.transfer_to)
+        except (Timeout, Exception) as exc:
+            _LOGGER.info("call %s: could not set variables: %r", self.uuid, exc)
+        _LOGGER.info("call %s: %s %s %s", self.uuid, self.outcome.result.value,
+                     self.outcome.reason, self.outcome.transfer_to)
+        # returning from run() makes greenswitch send `exit`: the dialplan resumes
+
+    def _converse(self) -> CallOutcome:
+        reply = self._send("sendmsg\ncall-command: execute\nexecute-app-name: answer")
+        if not reply.startswith("+OK"):
+            return CallOutcome(result=CallResult.ERROR, reason="answer-failed")
+        host = self.agent.config.listen.esl.host
+        udp = gsocket.socket(pysocket.AF_INET, pysocket.SOCK_DGRAM)
+        udp.bind((host, 0))
+        our_port = udp.getsockname()[1]
+        fs_addr = (host, _free_udp_port(host))
+        session = CallSession(self.uuid, self.agent.config, self.agent.engines,
+                              DialogPolicy(self.agent.config.agent), self.rate_hz,
+                              self.agent.stt_pool, self.agent.tts_pool)
+        self.agent.sessions[self.uuid] = session
+        pumps: list[gevent.Greenlet] = []
+        try:
+            # unicast has no greenswitch helper: the raw sendmsg, without `flags: native`
+            reply = self._send(f"sendmsg\ncall-command: unicast\nlocal-ip: {fs_addr[0]}\n"
+                               f"local-port: {fs_addr[1]}\nremote-ip: {host}\n"
+                               f"remote-port: {our_port}\ntransport: udp")
+            if not reply.startswith("+OK"):
+                return CallOutcome(result=CallResult.ERROR, reason="unicast-failed")
+            self.esl.register_handle("DTMF", lambda ev: session.on_dtmf(
+                str(ev.headers.get("DTMF-Digit", ""))[:1]))
+            session.start()
+            pumps = [gevent.spawn(self._pump_in, udp, session),
+                     gevent.spawn(self._pump_out, udp, fs_addr, session)]
+            while not session.done:
+                if self._caller_gone():
+                    session.on_hangup()
+                    break
+                gevent.sleep(HANGUP_POLL_S)
+            return session.outcome
+        finally:
+            if not session.done:
+                session.abort("app-ended")
+            gevent.killall(pumps, timeout=1.0)
+            udp.close()
+            # joining the call's threads must not block the hub
+            gevent.get_hub().threadpool.spawn(session.close).get(timeout=10)
+            self.agent.sessions.pop(self.uuid, None)
+
+    def _pump_in(self, udp: Any, session: CallSession) -> None:
+        """Caller audio: raw L16 datagrams; all-0xFF frames mean 'no caller audio'."""
+        size = frame_bytes(self.rate_hz)
+        silence = bytes(size)
+        while not session.done:
+            try:
+                with Timeout(1.0):
+                    payload, _ = udp.recvfrom(4096)
+            except Timeout:
+                continue
+            except OSError:
+                return
+            if payload and payload.count(0xFF) == len(payload):
+                session.on_audio(silence)
+            elif len(payload) % 2 == 0:
+                session.on_audio(payload)
+
+    def _pump_out(self, udp: Any, addr: tuple[str, int], session: CallSession) -> None:
+        """One frame per 20 ms on absolute deadlines: FreeSWITCH queues bursts and can't flush."""
+        period = FRAME_MS / 1000.0
+        next_at = time.monotonic()
+        while not session.done:
+            try:
+                udp.sendto(session.next_frame(), addr)
+            except OSError:
+                return
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay < -0.2:
+                next_at = time.monotonic()
+                delay = 0.0
+            gevent.sleep(max(0.0, delay))
+
+
+class _AgentEslServer(OutboundESLServer):
+    """greenswitch's server with a bounded `connect` (its own waits forever)."""
+
+    def _handle_call(self, session: OutboundSession) -> None:
+        try:
+            with Timeout(COMMAND_TIMEOUT_S):
+                session.connect()
+        except (Timeout, Exception) as exc:
+            _LOGGER.warning("ESL peer %s: no valid connect reply (%r); closing",
+                            session.client_address if hasattr(session, "client_address")
+                            else "?", exc)
+            try:
+                session.sock.close()
+            except OSError:
+                pass
+            return
+        super()._handle_call(session)
+
+
+class FreeSwitchAgent:
+    """The outbound-ESL server of one pbx-agent process."""
+
+    def __init__(self, config: Config, engines: EngineBundle, port: int | None = None) -> None:
+        self.config = config
+        self.engines = engines
+        self.admission = GreenAdmission(config.max_calls)
+        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt")
+        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts")
+        self.sessions: dict[str, CallSession] = {}
+        self.finished: list[tuple[str, CallOutcome]] = []
+        app: Callable[[OutboundSession], EslCallApp] = lambda s: EslCallApp(s, self)  # noqa: E731
+        # admission is ours (before answering): greenswitch's own limit only acts after connect
+        self.server = _AgentEslServer(bind_address=config.listen.esl.host,
+                                      bind_port=config.listen.esl.port if port is None else port,
+                                      application=app, max_connections=100000)
+
+    def serve_forever(self) -> None:
+        """Accept calls until stop() (greenswitch polls its accept loop every 0.1 s)."""
+        self.server.listen()
+
+    def stop(self) -> None:
+        """Stop accepting, end live calls, stop the pools."""
+        for session in list(self.sessions.values()):
+            session.abort("shutdown", CallResult.TRANSFER)
+        self.server.stop()
+
+    def close(self) -> None:
+        """Release the worker pools."""
+        self.stt_pool.shutdown(wait=True, cancel_futures=True)
+        self.tts_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def serve(config: Config, load: Callable[[Config], EngineBundle],
+          on_ready: Callable[[FreeSwitchAgent], None] | None = None) -> int:
+    """Load engines, serve FreeSWITCH calls until SIGTERM/SIGINT; returns the exit code."""
+    import signal
+
+    engines = load(config)
+    agent = FreeSwitchAgent(config, engines)
+    server = gevent.spawn(agent.serve_forever)
+    gevent.sleep(0.2)
+    _LOGGER.info("listening: outbound ESL %s:%d", config.listen.esl.host, config.listen.esl.port)
+    if on_ready is not None:
+        on_ready(agent)
+    stopping = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    stopping.wait()
+    _LOGGER.info("stopping")
+    agent.stop()
+    server.join(timeout=10)
+    agent.close()
+    engines.close()
+    return 0

@@ -1,0 +1,92 @@
+"""Run `pbx-agent serve` as a child process (a gevent FreeSWITCH agent never shares a process
+with the asyncio simulator), wait until it is ready, stop it with SIGTERM."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+# the per-turn line CallSession logs: "call <id>: turn <n> path=<path> heard=<repr>"
+_TURN_LINE = re.compile(r"call (?P<call>\S+): turn \d+ path=(?P<path>\w+) heard=(?P<heard>.*)$")
+
+
+def heard_turns(log: str, call_id: str) -> list[tuple[str, str]]:
+    """(what the agent heard, path) per turn of ``call_id``, read from an agent's log."""
+    turns = []
+    for line in log.splitlines():
+        m = _TURN_LINE.search(line)
+        if m and m.group("call") == call_id:
+            try:
+                heard = str(ast.literal_eval(m.group("heard")))
+            except (ValueError, SyntaxError):
+                heard = m.group("heard")
+            turns.append((heard, m.group("path")))
+    return turns
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class AgentProcess:
+    """`pbx-agent serve` with a given config, as a context manager."""
+
+    def __init__(self, config_text: str, ready_timeout_s: float = 240.0) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="pbx-agent-")
+        self.config_path = Path(self._dir.name) / "agent.yaml"
+        self.config_path.write_text(config_text, encoding="utf-8")
+        self.log_path = Path(self._dir.name) / "serve.log"
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    def __enter__(self) -> AgentProcess:
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "--config", str(self.config_path), "serve"],
+                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        deadline = time.monotonic() + self.ready_timeout_s
+        while b"ready in" not in self.log_path.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pbx-agent serve exited:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pbx-agent serve not ready:\n{self.log()}")
+            time.sleep(0.2)
+        return self
+
+    def log(self) -> str:
+        """Everything the agent logged so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then wait; kill if it does not stop in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.exit_code = self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.exit_code = self.proc.wait(10)
+        else:
+            self.exit_code = self.proc.returncode
+        return self.exit_code
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        self._dir.cleanup()
