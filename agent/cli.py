@@ -130,7 +130,7 @@ async def _demo(config: Config, script_name: str, quiet: bool) -> int:
             tts = "-" if t.tts_first_audio_ms is None else f"{t.tts_first_audio_ms:.0f}"
             print(f"  turn {i}: {t.path:8s} stt {t.stt_ms:.0f} / llm {llm} / tts {tts}")
     print(f"\nAGENT_RESULT={report.result} AGENT_TRANSFER_TO={report.transfer_to} "
-          f"AGENT_REASON={report.pbx.variables.get('AGENT_REASON', '')}")
+          f"AGENT_REASON={report.reason}")
     wer = report.mean_wer()
     print(f"caller-transcript word error: {'-' if wer is None else f'{wer:.0%}'}; "
           f"longest gap in agent audio: {report.caller.max_agent_gap_ms:.0f} ms; "
@@ -144,12 +144,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Start the agent in-process and run one simulated call end to end."""
     config = _load(args, embedded_default=True)
     _setup_logging("DEBUG" if args.verbose else "WARNING")
-    if args.pbx != "asterisk":
-        print("demo: --pbx freeswitch is not supported by this build yet", file=sys.stderr)
-        return 2
     import asyncio
 
+    if args.pbx == "freeswitch":
+        return asyncio.run(_demo_freeswitch(config, args.script))
     return asyncio.run(_demo(config, args.script, args.quiet))
+
+
+async def _demo_freeswitch(config: Config, script_name: str) -> int:
+    """The FreeSWITCH demo: the gevent agent in a child process, the simulator here."""
+    import asyncio
+
+    import yaml
+
+    from agent.engine.stt import WhisperStt
+    from agent.engine.tts import PiperTts
+    from agent.models import require
+    from agent.sim.caller import builtin_script, load_script
+    from agent.sim.process import AgentProcess, free_port, heard_turns
+    from agent.sim.run import format_table, run_sim_call
+
+    script = load_script(script_name) if Path(script_name).exists() else builtin_script(
+        script_name)
+    port = free_port()
+    cfg = {"pbx": "freeswitch", "rate_hz": config.rate_hz, "max_calls": config.max_calls,
+           "listen": {"esl": f"127.0.0.1:{port}"}, "log_level": "INFO",
+           "transfers": dict(config.transfers)}
+    if config.path and not config.path.startswith("<"):
+        cfg["agent"] = str(Path(config.path).resolve())  # keep a custom agent definition
+    t0 = time.perf_counter()
+    with AgentProcess(yaml.safe_dump(cfg)) as proc:
+        print(f"agent (gevent, pid {proc.proc.pid if proc.proc else '?'}) ready in "
+              f"{time.perf_counter() - t0:.1f} s; outbound ESL 127.0.0.1:{port}")
+        voice = PiperTts(str(require("piper-en-us-joe-medium", config.models.tts_voice)),
+                         out_rate_hz=config.rate_hz, length_scale=script.length_scale)
+        stt = WhisperStt(str(require("whisper-tiny-en", config.models.whisper_model)))
+        report = await run_sim_call(
+            "127.0.0.1", port, script, voice,
+            lambda pcm: stt.transcribe(pcm, config.rate_hz).text,
+            lambda call_id: heard_turns(proc.log(), call_id), config.rate_hz,
+            pbx="freeswitch")
+        await asyncio.sleep(0)
+    print(f"\ngreeting: {report.greeting_text}\n")
+    print(format_table(report))
+    fs = report.pbx
+    print(f"\nagent_result={report.result} agent_transfer_to={report.transfer_to} "
+          f"agent_reason={report.reason}")
+    wer = report.mean_wer()
+    print(f"caller-transcript word error: {'-' if wer is None else f'{wer:.0%}'}; "
+          f"longest gap in agent audio: {report.caller.max_agent_gap_ms:.0f} ms; "
+          f"max frames queued in FreeSWITCH's UDP buffer: {fs.max_inflight_frames}")
+    ok = fs.error is None and (not script.expect_result or report.result == script.expect_result)
+    return 0 if ok else 1
 
 
 # -- check -------------------------------------------------------------------------------------

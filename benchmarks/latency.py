@@ -1,12 +1,15 @@
 """Per-turn response latency of one call at a time, FAQ path vs LLM path, on this machine.
 
-    .venv/bin/python benchmarks/latency.py [--calls 2] [--script bench] [--json out.json]
+    .venv/bin/python benchmarks/latency.py [--pbx asterisk|freeswitch|both] [--calls 2]
+                                           [--script bench] [--json out.json]
 
-Starts the agent in-process with the default config and models, places scripted calls through
-the Asterisk simulator (FastAGI + AudioSocket over 127.0.0.1, real time), and prints
-p50/p95 of the response latency (end of caller speech -> first non-silent agent frame, as the
-caller measures it, endpointing included) per path, resident memory with all models loaded,
-and time from start to ready.
+Asterisk: starts the agent in-process with the default config and models and places scripted
+calls through the Asterisk simulator (FastAGI + AudioSocket over 127.0.0.1, real time).
+FreeSWITCH: starts `pbx-agent serve` (gevent) as a child process and places the same calls
+through the FreeSWITCH simulator (outbound ESL + unicast UDP). Prints, per PBX, p50/p95 of the
+response latency (end of caller speech -> first non-silent agent frame, as the caller measures
+it, endpointing included) per path, resident memory with all models loaded, and time from
+start to ready.
 """
 
 from __future__ import annotations
@@ -36,6 +39,47 @@ def pct(values: list[float], q: float) -> float:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(by_path: dict[str, list[float]]) -> dict[str, dict[str, int]]:
+    """n, p50, p95 and mean per path."""
+    return {path: {"n": len(v), "p50_ms": round(pct(v, 0.5)), "p95_ms": round(pct(v, 0.95)),
+                   "mean_ms": round(statistics.fmean(v))} for path, v in sorted(by_path.items())}
+
+
+def run_freeswitch(calls: int, script_name: str) -> dict[str, object]:
+    """The same calls against the gevent FreeSWITCH agent in a child process."""
+    from agent.sim.process import AgentProcess, free_port
+
+    port = free_port()
+    cfg = (f"pbx: freeswitch\nlisten:\n  esl: 127.0.0.1:{port}\nlog_level: INFO\n"
+           "transfers: {front-desk: '1000', billing: '1001', emergency: '1999'}\n")
+    voice = PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15)
+    script = builtin_script(script_name)
+    by_path: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    with AgentProcess(cfg) as proc:
+        ready_s = time.perf_counter() - t0
+        assert proc.proc is not None
+        child = psutil.Process(proc.proc.pid)
+        rss_ready = child.memory_info().rss / (1 << 20)
+        for i in range(calls):
+            report = asyncio.run(run_sim_call("127.0.0.1", port, script, voice, seed=i,
+                                              pbx="freeswitch"))
+            for row in report.rows:
+                if row.latency_ms is not None:
+                    from agent.sim.process import heard_turns
+
+                    turns = heard_turns(proc.log(), report.call_id)
+                    idx = report.rows.index(row)
+                    path = turns[idx][1] if idx < len(turns) else "?"
+                    by_path.setdefault(path, []).append(row.latency_ms)
+            print(f"freeswitch call {i + 1}/{calls}: {report.result} "
+                  f"{[round(r.latency_ms or -1) for r in report.rows]} "
+                  f"max queued frames {report.pbx.max_inflight_frames}", flush=True)
+        rss_end = child.memory_info().rss / (1 << 20)
+    return {"ready_s": round(ready_s, 2), "rss_ready_mib": round(rss_ready),
+            "rss_end_mib": round(rss_end), "paths": summarize(by_path)}
 
 
 async def main(calls: int, script_name: str) -> dict[str, object]:
@@ -99,13 +143,37 @@ async def main(calls: int, script_name: str) -> dict[str, object]:
     return result
 
 
+def side_by_side(results: dict[str, dict[str, object]]) -> None:
+    """Print the PBX kinds' figures next to each other."""
+    kinds = list(results)
+    print("\n" + " " * 24 + "".join(f"{k:>22s}" for k in kinds))
+    for key, label in (("ready_s", "start to ready (s)"), ("rss_ready_mib", "RSS ready (MiB)"),
+                       ("rss_end_mib", "RSS after calls (MiB)")):
+        print(f"{label:24s}" + "".join(f"{results[k][key]!s:>22s}" for k in kinds))
+    paths = sorted({p for k in kinds for p in results[k]["paths"]})  # type: ignore[attr-defined]
+    for path in paths:
+        cells = []
+        for k in kinds:
+            row = results[k]["paths"].get(path)  # type: ignore[attr-defined]
+            cells.append(f"{row['p50_ms']} / {row['p95_ms']} (n={row['n']})" if row else "-")
+        print(f"{path + ' p50/p95 ms':24s}" + "".join(f"{c:>22s}" for c in cells))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pbx", choices=("asterisk", "freeswitch", "both"), default="asterisk")
     ap.add_argument("--calls", type=int, default=2)
     ap.add_argument("--script", default="bench")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    out = asyncio.run(main(args.calls, args.script))
+    results: dict[str, dict[str, object]] = {}
+    if args.pbx in ("asterisk", "both"):
+        results["asterisk"] = asyncio.run(main(args.calls, args.script))
+    if args.pbx in ("freeswitch", "both"):
+        results["freeswitch"] = run_freeswitch(args.calls, args.script)
+    if len(results) > 1:
+        side_by_side(results)
+    out: dict[str, object] = results if len(results) > 1 else next(iter(results.values()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)

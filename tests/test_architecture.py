@@ -46,3 +46,15 @@ def test_call_layer_does_not_import_pbx_modules() -> None:
     for path in modules("call"):
         bad = {n for n in imports_of(path) if n.startswith(("agent.pbx", "agent.runtime"))}
         assert not bad, f"{path} imports {bad}"
+
+
+def test_freeswitch_side_never_imports_asyncio() -> None:
+    for path in modules("pbx/freeswitch") + [AGENT / "runtime" / "green.py",
+                                             AGENT / "runtime" / "engines.py"]:
+        assert not any(n.split(".")[0] == "asyncio" for n in imports_of(path)), path
+
+
+def test_call_session_is_runtime_neutral() -> None:
+    for path in modules("call"):
+        bad = {n for n in imports_of(path) if n.split(".")[0] in {"asyncio", "gevent"}}
+        assert not bad, f"{path} imports {bad}"

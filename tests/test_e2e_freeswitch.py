@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 from agent.audio import is_silent
@@ -93,13 +94,22 @@ def test_barge_in(agent: tuple[AgentProcess, int], voice: PiperTts) -> None:
 
 def test_caller_hangup_mid_reply_then_next_call(agent: tuple[AgentProcess, int],
                                                voice: PiperTts) -> None:
+    proc, _ = agent
+    assert proc.proc is not None
+    child = psutil.Process(proc.proc.pid)
     report = call(agent, voice, None, "hangup")
     assert report.caller.hung_up and report.pbx.caller_hung_up
-    proc, _ = agent
     # the agent ended that call (exit after the disconnect-notice) and serves the next one
     assert f"call {report.pbx.uuid}: DONE caller-hangup" in proc.log()
+    time.sleep(0.5)
+    threads_after_first = child.num_threads()
     again = call(agent, voice, None, "hangup")
     assert again.pbx.answered and again.pbx.unicast_started
+    time.sleep(0.5)
+    # nothing of either call is left: no call threads, no UDP socket, no ESL connection
+    assert child.num_threads() <= threads_after_first
+    assert child.net_connections(kind="udp") == []
+    assert [c for c in child.net_connections(kind="tcp") if c.status == "ESTABLISHED"] == []
 
 
 def test_16khz_call_uses_640_byte_frames(agent: tuple[AgentProcess, int]) -> None:

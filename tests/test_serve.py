@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 from agent.audio import is_silent
 from agent.sim.asterisk import FakeAsterisk, SimAudioSocketPeer
+from agent.sim.process import AgentProcess, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_serve_answers_a_call_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_serve_answers_a_call_and_stops_on_sigterm() -> None:
     agi, media = free_port(), free_port()
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"listen:\n  fastagi: 127.0.0.1:{agi}\n  audiosocket: 127.0.0.1:{media}\n"
-                   "max_calls: 2\nlog_level: INFO\n"
-                   "transfers: {front-desk: PJSIP/100, billing: PJSIP/101, emergency: PJSIP/199}\n")
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(cfg), "serve"],
-                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 180
-        while b"ready in" not in log.read_bytes():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "serve did not get ready"
-            time.sleep(0.2)
+    cfg = (f"listen:\n  fastagi: 127.0.0.1:{agi}\n  audiosocket: 127.0.0.1:{media}\n"
+           "max_calls: 2\nlog_level: INFO\n"
+           "transfers: {front-desk: PJSIP/100, billing: PJSIP/101, emergency: PJSIP/199}\n")
+    with AgentProcess(cfg) as proc:
         heard: list[bool] = []
 
         async def caller(peer: SimAudioSocketPeer) -> None:
@@ -57,11 +35,7 @@ def test_serve_answers_a_call_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert result.answered
         assert result.variables.get("AGENT_RESULT") == "DONE"
         assert result.variables.get("AGENT_REASON") == "caller-hangup"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        text = log.read_text()
+        assert proc.stop() == 0
+        text = proc.log()
         assert "stopping" in text and f"127.0.0.1:{agi}" in text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        assert "Traceback" not in text
