@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from agent.errors import ProtocolError
+from agent.pbx.tcp import TcpServerBase
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -319,8 +320,10 @@ class AudioSocketConnection:
 AudioSocketHandler = Callable[[AudioSocketConnection], Awaitable[None]]
 
 
-class AudioSocketServer:
+class AudioSocketServer(TcpServerBase):
     """Asyncio AudioSocket server that hands each registered UUID's connection to its handler."""
+
+    kind = "AudioSocket"
 
     def __init__(
         self,
@@ -331,22 +334,12 @@ class AudioSocketServer:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         send_timeout_s: float = 2.0,
     ) -> None:
-        self.host = host
-        self._port = port
+        super().__init__(host, port)
         self.uuid_timeout_s = uuid_timeout_s
         self.max_payload = max_payload
         self.send_timeout_s = send_timeout_s
         self.stats = AudioSocketStats()
         self._handlers: dict[uuid_mod.UUID, AudioSocketHandler] = {}
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when constructed with port 0 and started)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
-        return self._port
 
     def register(self, uuid: uuid_mod.UUID, handler: AudioSocketHandler) -> None:
         """Accept one connection for ``uuid`` and give it to ``handler``."""
@@ -362,39 +355,6 @@ class AudioSocketServer:
     def pending_uuids(self) -> frozenset[uuid_mod.UUID]:
         """UUIDs registered and not yet connected."""
         return frozenset(self._handlers)
-
-    async def start(self) -> None:
-        """Start listening."""
-        self._server = await asyncio.start_server(self._on_connect, self.host, self._port)
-        _LOGGER.info("AudioSocket server listening on %s:%d", self.host, self.port)
-
-    async def close(self, timeout_s: float = 2.0) -> None:
-        """Stop listening, cancel running handlers and wait (bounded) for them."""
-        if self._server is not None:
-            self._server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout_s)
-            self._server = None
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            # Server shutdown. asyncio's stream callback logs an error for a cancelled
-            # connection task, so the cancellation ends here.
-            _LOGGER.debug("connection task cancelled by close()")
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.accepted += 1

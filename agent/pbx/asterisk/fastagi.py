@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 from panoramisk.utils import parse_agi_result
 
 from agent.errors import AgentError, ProtocolError
+from agent.pbx.tcp import TcpServerBase
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -405,8 +406,10 @@ class FastAgiStats:
     completed: int = 0
 
 
-class FastAgiServer:
+class FastAgiServer(TcpServerBase):
     """Asyncio FastAGI server: one AgiChannel per connection, handed to ``handler``."""
+
+    kind = "FastAGI"
 
     def __init__(
         self,
@@ -416,62 +419,17 @@ class FastAgiServer:
         header_timeout_s: float = 5.0,
         max_header_bytes: int = 8192,
     ) -> None:
+        super().__init__(host, port)
         self.handler = handler
-        self.host = host
-        self._port = port
         self.header_timeout_s = header_timeout_s
         self.max_header_bytes = max_header_bytes
         self.stats = FastAgiStats()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when constructed with port 0 and started)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
-        return self._port
-
-    @property
-    def active_connections(self) -> int:
-        """Connections being served now."""
-        return len(self._tasks)
-
-    async def start(self) -> None:
-        """Start listening."""
-        self._server = await asyncio.start_server(self._on_connect, self.host, self._port)
-        _LOGGER.info("FastAGI server listening on %s:%d", self.host, self.port)
-
-    async def close(self, timeout_s: float = 2.0) -> None:
-        """Stop listening, cancel running handlers and wait (bounded) for them."""
-        if self._server is not None:
-            self._server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout_s)
-            self._server = None
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            # Server shutdown. asyncio's stream callback logs an error for a cancelled
-            # connection task, so the cancellation ends here.
-            _LOGGER.debug("connection task cancelled by close()")
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+    async def _after_connection(self, writer: asyncio.StreamWriter) -> None:
+        """Close the FastAGI socket promptly: Asterisk sends the BYE only when it closes."""
+        with contextlib.suppress(Exception):
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.accepted += 1
