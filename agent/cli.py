@@ -64,7 +64,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.pbx == "freeswitch":
         # gevent process: asyncio is never imported here
         from agent.runtime.engines import load_engines
-        from agent.runtime.green import serve
+
+        try:
+            from agent.runtime.green import serve
+        except ImportError as exc:
+            print(f"{config.path}: pbx: freeswitch needs gevent and greenswitch ({exc}); "
+                  "install them with: pip install 'pbx-agent[freeswitch]'", file=sys.stderr)
+            return 2
 
         t0 = time.perf_counter()
 
