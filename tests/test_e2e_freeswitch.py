@@ -78,8 +78,9 @@ def test_three_turn_call(agent: tuple[AgentProcess, int], voice: PiperTts,
     assert report.result == "TRANSFER" and report.transfer_to == "1000 XML default"
     assert report.reason == "intent:front-desk"
     assert fs.exited  # `exit`: the dialplan resumes at the post-socket extension
-    # paced: at most a frame or two in FreeSWITCH's UDP buffer, never a 2 s hole
-    assert fs.max_inflight_frames <= 2
+    # paced: a frame or two in FreeSWITCH's UDP buffer (+1 for the jitter of two processes on a
+    # loaded 2-core box: the simulator's clock is its event loop); a burst would show dozens
+    assert fs.max_inflight_frames <= 3
     assert report.caller.max_agent_gap_ms < 2000
     assert not fs.playback_during_unicast
 

@@ -191,7 +191,7 @@ class EslCallApp:
                 session.on_audio(payload)
 
     def _pump_out(self, udp: Any, addr: tuple[str, int], session: CallSession) -> None:
-        """One frame per 20 ms on absolute deadlines: FreeSWITCH queues bursts and can't flush."""
+        """One frame per 20 ms, never two at once: FreeSWITCH queues bursts and can't flush."""
         period = FRAME_MS / 1000.0
         next_at = time.monotonic()
         while not session.done:
@@ -201,7 +201,9 @@ class EslCallApp:
                 return
             next_at += period
             delay = next_at - time.monotonic()
-            if delay < -0.2:
+            if delay < -period / 2:
+                # late (a busy hub): restart the schedule instead of catching up, because the
+                # frames a catch-up would add sit in FreeSWITCH's UDP buffer as latency
                 next_at = time.monotonic()
                 delay = 0.0
             gevent.sleep(max(0.0, delay))
