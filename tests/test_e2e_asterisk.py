@@ -122,8 +122,10 @@ def test_barge_in_stops_agent_audio_quickly(config: Config, engines: EngineBundl
     print(f"\nbarge-in: agent audio stopped {cut} ms after the caller's speech onset")
     assert outcome.barge_ins >= 1
     assert cut is not None and cut <= 300
-    # the interrupted caller was still understood and the call went on to a goodbye
-    assert "located" in report.rows[0].agent_heard.lower()
+    # the interrupted caller was still understood (a pause in the question may split it into
+    # two turns) and the call went on to a goodbye
+    heard = " ".join(t.caller_text for t in outcome.turns).lower()
+    assert "located" in heard
     assert report.result == "DONE"
 
 

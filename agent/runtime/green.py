@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.socket as gsocket
 from gevent import Timeout
 from greenswitch.esl import OutboundESLServer, OutboundSession
@@ -121,13 +122,32 @@ class EslCallApp:
     def _hand_back(self) -> None:
         if self._caller_gone() and not self.esl.connected:
             return
+        variables = [("agent_result", self.outcome.result.value),
+                     ("agent_reason", self.outcome.reason)]
+        if self.outcome.transfer_to:
+            variables.append(("agent_transfer_to", self.outcome.transfer_to))
+        # in async mode `set` runs after its +OK; `exit` must wait until every set has run
+        # (its CHANNEL_EXECUTE_COMPLETE), or the dialplan could resume without the variables
+        completed = gevent.event.Event()
+        count = [0]
+
+        def on_complete(event: Any) -> None:
+            if event.headers.get("Application") == "set":
+                count[0] += 1
+                if count[0] >= len(variables):
+                    completed.set()
+
+        self.esl.register_handle("CHANNEL_EXECUTE_COMPLETE", on_complete)
         try:
-            self._set("agent_result", self.outcome.result.value)
-            self._set("agent_reason", self.outcome.reason)
-            if self.outcome.transfer_to:
-                self._set("agent_transfer_to", self.outcome.transfer_to)
+            for name, value in variables:
+                self._set(name, value)
+            # after a hangup FreeSWITCH accepts but no longer runs apps: don't wait for them
+            if not self._caller_gone() and not completed.wait(timeout=COMMAND_TIMEOUT_S):
+                _LOGGER.warning("call %s: variables not confirmed before exit", self.uuid)
         except (Timeout, Exception) as exc:
             _LOGGER.info("call %s: could not set variables: %r", self.uuid, exc)
+        finally:
+            self.esl.unregister_handle("CHANNEL_EXECUTE_COMPLETE", on_complete)
         _LOGGER.info("call %s: %s %s %s", self.uuid, self.outcome.result.value,
                      self.outcome.reason, self.outcome.transfer_to)
         # returning from run() makes greenswitch send `exit`: the dialplan resumes
