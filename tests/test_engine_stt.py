@@ -12,7 +12,14 @@ import pytest
 
 from agent.audio import add_noise, mulaw_roundtrip
 from agent.engine import stt as stt_module
-from agent.engine.stt import SttResult, VoskStt, WhisperStt, detect_degenerate, load_stt
+from agent.engine.stt import (
+    SttResult,
+    VoskStt,
+    WhisperStt,
+    detect_degenerate,
+    load_stt,
+    speech_segments,
+)
 from agent.engine.text import word_error_rate
 from agent.engine.tts import PiperTts
 from agent.errors import ModelMissing
@@ -240,3 +247,11 @@ def test_vosk_real_time_factor(vosk: VoskStt, tts: PiperTts) -> None:
     rtf = (time.perf_counter() - started) / (result.audio_ms / 1000)
     print(f"vosk RTF {rtf:.3f} over {result.audio_ms} ms")
     assert rtf < 1.5
+
+
+def test_two_phrases_take_the_full_window(tts: PiperTts) -> None:
+    one = tts.synthesize("I would like to book an appointment.")
+    two = one + bytes(8000 * 2 * 6 // 10) + tts.synthesize("Is Tuesday morning available?")
+    assert speech_segments(one, 8000) == 1
+    assert speech_segments(two, 8000) == 2
+    assert speech_segments(bytes(16000), 8000) == 0

@@ -324,8 +324,11 @@ class WhisperStt:
         if not pcm16:
             return SttResult("", 0, 0.0)
         audio = self._to_whisper_audio(pcm16, rate_hz)
+        # Without timestamps tiny.en may end its output after the first of two phrases, and no
+        # output check can see that; so only single-phrase utterances take the short window.
+        fast = self.fast_window and speech_segments(pcm16, rate_hz) <= 1
         try:
-            text = self._decode_fast(audio) if self.fast_window else None
+            text = self._decode_fast(audio) if fast else None
             if text is None:
                 text = self._decode_full(audio)
         except (RuntimeError, ValueError) as exc:
@@ -472,3 +475,23 @@ def load_stt(backend: str, model_path: str, **opts: Any) -> SttEngine:
     if backend in ("whisper", "faster-whisper"):
         return WhisperStt(model_path, **opts)
     raise ValueError(f"unknown STT backend {backend!r}; expected 'vosk' or 'whisper'")
+
+
+def speech_segments(pcm16: bytes, rate_hz: int, pause_ms: int = 300) -> int:
+    """Voiced stretches in ``pcm16`` separated by at least ``pause_ms`` of non-speech."""
+    from agent.engine.vad import FrameVad
+
+    if rate_hz not in (8000, 16000):
+        return 1
+    vad = FrameVad(rate_hz, 2)
+    size = rate_hz * 20 // 1000 * 2
+    segments = 0
+    silent_run = pause_ms  # leading silence doesn't count as a pause
+    for pos in range(0, len(pcm16) - size + 1, size):
+        if vad.is_speech(pcm16[pos:pos + size]):
+            if silent_run >= pause_ms:
+                segments += 1
+            silent_run = 0
+        else:
+            silent_run += 20
+    return segments
