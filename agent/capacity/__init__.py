@@ -1,0 +1,1 @@
+"""Capacity: the PBX's own channel limits, read from its config files."""
