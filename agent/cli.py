@@ -107,7 +107,8 @@ async def _demo(config: Config, script_name: str, quiet: bool) -> int:
     print(f"agent ready in {ready_s:.1f} s (stt={engines.stt_backend}); RSS {rss:.0f} MiB; "
           f"FastAGI 127.0.0.1:{agent.fastagi.port}, AudioSocket 127.0.0.1:{agent.audiosocket.port}")
     caller_voice = PiperTts(str(require("piper-en-us-joe-medium", config.models.tts_voice)),
-                            out_rate_hz=config.rate_hz, length_scale=script.length_scale)
+                            out_rate_hz=config.rate_hz, length_scale=script.length_scale,
+                            deterministic=True)
 
     def transcribe(pcm: bytes) -> str:
         stream = engines.stt.open_stream(config.rate_hz)
@@ -183,7 +184,8 @@ async def _demo_freeswitch(config: Config, script_name: str) -> int:
         print(f"agent (gevent, pid {proc.proc.pid if proc.proc else '?'}) ready in "
               f"{time.perf_counter() - t0:.1f} s; outbound ESL 127.0.0.1:{port}")
         voice = PiperTts(str(require("piper-en-us-joe-medium", config.models.tts_voice)),
-                         out_rate_hz=config.rate_hz, length_scale=script.length_scale)
+                         out_rate_hz=config.rate_hz, length_scale=script.length_scale,
+                            deterministic=True)
         stt = WhisperStt(str(require("whisper-tiny-en", config.models.whisper_model)))
         report = await run_sim_call(
             "127.0.0.1", port, script, voice,

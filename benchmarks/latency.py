@@ -54,7 +54,8 @@ def run_freeswitch(calls: int, script_name: str) -> dict[str, object]:
     port = free_port()
     cfg = (f"pbx: freeswitch\nlisten:\n  esl: 127.0.0.1:{port}\nlog_level: INFO\n"
            "transfers: {front-desk: '1000', billing: '1001', emergency: '1999'}\n")
-    voice = PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15)
+    voice = PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15,
+                     deterministic=True)
     script = builtin_script(script_name)
     by_path: dict[str, list[float]] = {}
     t0 = time.perf_counter()
@@ -91,7 +92,8 @@ async def main(calls: int, script_name: str) -> dict[str, object]:
     await agent.start()
     ready_s = time.perf_counter() - t0
     rss_ready = psutil.Process().memory_info().rss / (1 << 20)
-    voice = PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15)
+    voice = PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15,
+                     deterministic=True)
     script = builtin_script(script_name)
     by_path: dict[str, list[float]] = {}
     stages: dict[str, list[float]] = {"stt_ms": [], "llm_first_token_ms": []}

@@ -45,7 +45,8 @@ def engines(config: Config) -> Iterator[EngineBundle]:
 
 @pytest.fixture(scope="module")
 def caller_voice(config: Config) -> PiperTts:
-    return PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15)
+    return PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15,
+                    deterministic=True)
 
 
 def run_with_agent(config: Config, engines: EngineBundle,

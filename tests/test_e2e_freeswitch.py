@@ -41,7 +41,8 @@ def agent() -> Iterator[tuple[AgentProcess, int]]:
 
 @pytest.fixture(scope="module")
 def voice() -> PiperTts:
-    return PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15)
+    return PiperTts(str(require("piper-en-us-joe-medium")), out_rate_hz=8000, length_scale=1.15,
+                    deterministic=True)
 
 
 @pytest.fixture(scope="module")

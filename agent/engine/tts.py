@@ -58,7 +58,10 @@ class PiperTts:
         out_rate_hz: int = 8000,
         length_scale: float | None = None,
         threads: int | None = 1,
+        deterministic: bool = False,
     ) -> None:
+        """``deterministic`` turns piper's sampling noise off: the same text always gives the
+        same audio (the simulator's caller voice, so end-to-end tests are reproducible)."""
         if not os.path.isfile(model_path) or not os.path.isfile(f"{model_path}.json"):
             raise ModelMissing(
                 f"piper voice not found at {model_path} (needs the .onnx and .onnx.json); "
@@ -70,7 +73,11 @@ class PiperTts:
             self._voice = _load_voice(model_path, threads)
         self.out_rate_hz = out_rate_hz
         self.sample_rate_hz: int = self._voice.config.sample_rate
-        self._syn_config = SynthesisConfig(length_scale=length_scale)
+        if deterministic:
+            self._syn_config = SynthesisConfig(length_scale=length_scale, noise_scale=0.0,
+                                               noise_w_scale=0.0)
+        else:
+            self._syn_config = SynthesisConfig(length_scale=length_scale)
 
     def synthesize(self, text: str) -> bytes:
         """Synthesize all of ``text`` as one PCM16 buffer at ``out_rate_hz``."""
