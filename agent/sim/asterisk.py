@@ -26,6 +26,7 @@ from agent.pbx.asterisk.audiosocket import (
     dtmf_frame,
     uuid_frame,
 )
+from agent.sim.common import next_until_end
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -270,12 +271,7 @@ class SimAudioSocketPeer:
 
     async def read_frame(self, timeout_s: float | None) -> AudioSocketFrame | None:
         """Next agent audio frame; None once the connection ended; TimeoutError on timeout."""
-        if self.ended and self._queue.empty():
-            return None
-        frame = await asyncio.wait_for(self._queue.get(), timeout_s)
-        if frame is None:
-            self._queue.put_nowait(None)
-        return frame
+        return await next_until_end(self._queue, self.ended, timeout_s)
 
     def hangup(self) -> None:
         """Caller hangup: close the socket without a 0x00 frame."""

@@ -47,6 +47,7 @@ from agent.pbx.freeswitch.esl import (
     serialize_reply,
 )
 from agent.pbx.freeswitch.unicast import frame_bytes_for_rate
+from agent.sim.common import next_until_end
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -381,12 +382,7 @@ class SimUnicastPeer:
 
     async def read_frame(self, timeout_s: float | None) -> SimUnicastFrame | None:
         """Next agent frame as the caller hears it; None once the leg ended; TimeoutError."""
-        if self.ended and self._played.empty():
-            return None
-        frame = await asyncio.wait_for(self._played.get(), timeout_s)
-        if frame is None:
-            self._played.put_nowait(None)
-        return frame
+        return await next_until_end(self._played, self.ended, timeout_s)
 
     def hangup(self) -> None:
         """Caller hangup: the channel goes down, FreeSWITCH tells the agent."""
