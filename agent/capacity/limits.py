@@ -43,3 +43,23 @@ class PbxLimits:
             # sofia rejects an INVITE once sess_count >= max, counting the new session itself.
             return max(int(limit.value) - 1, 0)
         return None
+
+
+@dataclass(frozen=True)
+class LiveLimits:
+    """Limits and load read from the running PBX (AMI or inbound ESL); None = not reported.
+
+    ``max_calls`` is already the number of inbound calls the PBX admits (FreeSWITCH's
+    ``max_sessions`` N is stored as N-1). ``source`` names the connection (``ami 127.0.0.1:5038``),
+    never a credential; ``at`` is the monotonic time of the reading.
+    """
+
+    pbx: str
+    source: str
+    at: float
+    max_calls: int | None = None
+    current_calls: int | None = None
+    max_load: float | None = None
+    sessions_per_second: float | None = None
+    min_idle_cpu: float | None = None
+    idle_cpu: float | None = None
