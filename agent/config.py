@@ -7,11 +7,14 @@ and the reason. Units are part of the field names (``_ms``, ``_s``, ``_hz``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -23,7 +26,11 @@ PBX_KINDS = ("asterisk", "freeswitch")
 STT_BACKENDS = ("auto", "whisper", "vosk")
 INTENT_KINDS = ("transfer", "goodbye", "say")
 TOP_LEVEL_KEYS = ("pbx", "rate_hz", "max_calls", "state_dir", "log_level", "listen", "models",
-                  "turn", "llm", "transfers", "agent")
+                  "turn", "llm", "transfers", "agent", "hours", "capacity")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+PRIORITY_WHEN = ("always", "business-hours", "after-hours")
+DEFAULT_PBX_CONF = {"asterisk": "/etc/asterisk/asterisk.conf",
+                    "freeswitch": "/etc/freeswitch/autoload_configs/switch.conf.xml"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,107 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class HoursConfig:
+    """Business hours in a timezone; outside them is after-hours. No windows = always open."""
+
+    timezone: str = "UTC"
+    #: (weekday 0=Mon, start minute, end minute) windows; end may be 1440 (midnight)
+    windows: tuple[tuple[int, int, int], ...] = ()
+    #: ISO dates (YYYY-MM-DD) that are closed all day
+    closed_dates: tuple[str, ...] = ()
+
+    def is_open(self, when: datetime) -> bool:
+        """True when ``when`` (any timezone; naive = UTC) falls in business hours."""
+        if not self.windows:
+            return True
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        local = when.astimezone(ZoneInfo(self.timezone))
+        if local.date().isoformat() in self.closed_dates:
+            return False
+        minute = local.hour * 60 + local.minute
+        return any(day == local.weekday() and start <= minute < end
+                   for day, start, end in self.windows)
+
+
+@dataclass(frozen=True)
+class PriorityClass:
+    """Callers admitted into the priority headroom: caller-ID and/or DID patterns, and when.
+
+    A pattern starting with ``_`` is an Asterisk extension pattern (``X`` ``Z`` ``N`` ``[1-5]``
+    ``.`` ``!``), one starting with ``^`` a regular expression; anything else must match exactly.
+    """
+
+    name: str
+    callerid: tuple[str, ...] = ()
+    did: tuple[str, ...] = ()
+    when: str = "always"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret is read from at use time (never stored in the config, never logged)."""
+
+    env: str = ""
+    file: str = ""
+
+    def read(self) -> str:
+        """The secret: the environment variable if set, else the file's first line."""
+        if self.env and os.environ.get(self.env):
+            return os.environ[self.env]
+        if self.file:
+            try:
+                return Path(self.file).read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise ConfigError(self.file, "(file)", f"cannot read secret: {exc}") from None
+        return ""
+
+
+@dataclass(frozen=True)
+class PbxConnection:
+    """A management connection to the PBX (AMI or inbound ESL) for live limits."""
+
+    host: str
+    port: int
+    username: str
+    secret: SecretRef
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """How many calls to take: limits, priority headroom, load shedding and drain."""
+
+    #: calls the engines can serve well; 0 = the last `pbx-agent capacity` report, else no limit
+    engine_calls: int = 0
+    #: that report; "" = <state_dir>/capacity/latest.json
+    capacity_report: str = ""
+    #: slots only priority callers may take (0 when no priority class is defined)
+    priority_headroom: int = 1
+    priority: tuple[PriorityClass, ...] = ()
+    #: shedding rules file; "" = the embedded defaults (contrib/shedding.yaml)
+    shedding: str = ""
+    drain_timeout_s: int = 60
+    #: asterisk.conf or switch.conf.xml; "" = the standard path for the PBX kind; "none" = skip
+    pbx_conf: str = ""
+    #: FreeSWITCH vars.xml for $${var}; "" = vars.xml two levels above switch.conf.xml
+    pbx_vars: str = ""
+    #: AMI (Asterisk) or inbound ESL (FreeSWITCH) for live limits; None = config file only
+    live: PbxConnection | None = None
+    live_poll_s: float = 10.0
+    sensor_interval_s: float = 1.0
+
+    def pbx_conf_path(self, pbx: str) -> str | None:
+        """The PBX config file to read limits from, or None when turned off."""
+        if self.pbx_conf == "none":
+            return None
+        return self.pbx_conf or DEFAULT_PBX_CONF[pbx]
+
+    def report_path(self, state_dir: str) -> str:
+        """Where the last measured capacity report is read from."""
+        return self.capacity_report or str(Path(state_dir) / "capacity" / "latest.json")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole agent configuration."""
 
@@ -149,6 +257,8 @@ class Config:
     agent: AgentConfig
     state_dir: str = "/var/lib/pbx-agent"
     log_level: str = "INFO"
+    hours: HoursConfig = HoursConfig()
+    capacity: CapacityConfig = CapacityConfig()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -316,6 +426,126 @@ def parse_agent(path: str, prefix: str, data: Any) -> AgentConfig:
     return agent
 
 
+_HHMM = re.compile(r"^([01]?\d|2[0-4]):([0-5]\d)$")
+
+
+def _minute(sec: _Section, key: str, text: str) -> int:
+    m = _HHMM.match(text.strip())
+    if not m or (int(m.group(1)) == 24 and m.group(2) != "00"):
+        raise sec.error(key, f"times must be HH:MM (00:00-24:00), got {text!r}")
+    return int(m.group(1)) * 60 + int(m.group(2))
+
+
+def _days(sec: _Section, key: str) -> list[int]:
+    days: list[int] = []
+    for part in key.lower().replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if first not in WEEKDAYS or (last and last not in WEEKDAYS):
+            raise sec.error(key, f"days must be mon..sun, a range like mon-fri or a list, "
+                                 f"got {part!r}")
+        a = WEEKDAYS.index(first)
+        b = WEEKDAYS.index(last) if last else a
+        days += [d % 7 for d in range(a, b + 1 if b >= a else b + 8)]
+    return days
+
+
+def parse_hours(sec: _Section) -> HoursConfig:
+    """``hours: {timezone, open: {mon-fri: "08:00-18:00", ...}, closed: [dates]}``."""
+    tz = sec.get_str("timezone", "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise sec.error("timezone", f"unknown timezone {tz!r} (use an IANA name such as "
+                                    "Europe/Berlin)") from None
+    opening = sec.sub("open")
+    windows: list[tuple[int, int, int]] = []
+    for key, value in opening.data.items():
+        opening.used.add(str(key))
+        days = _days(opening, str(key))
+        spans = value if isinstance(value, list) else [value]
+        for span in spans:
+            start_s, dash, end_s = str(span).partition("-")
+            if not dash:
+                raise opening.error(str(key), f"must be HH:MM-HH:MM, got {span!r}")
+            start = _minute(opening, str(key), start_s)
+            end = _minute(opening, str(key), end_s)
+            if start == end:
+                raise opening.error(str(key), f"empty window {span!r}")
+            for day in days:
+                if end > start:
+                    windows.append((day, start, end))
+                else:  # overnight: 22:00-06:00 runs into the next day
+                    windows.append((day, start, 1440))
+                    windows.append(((day + 1) % 7, 0, end))
+    closed = sec.strings("closed", required=False)
+    for date in closed:
+        try:
+            datetime.strptime(date, "%Y-%m-%d")
+        except ValueError:
+            raise sec.error("closed", f"dates must be YYYY-MM-DD, got {date!r}") from None
+    sec.check_unknown()
+    return HoursConfig(timezone=tz, windows=tuple(windows), closed_dates=closed)
+
+
+def _secret_ref(sec: _Section, name: str) -> SecretRef:
+    ref = SecretRef(env=sec.get_str(f"{name}_env", ""), file=sec.get_str(f"{name}_file", ""))
+    if name in sec.data:
+        raise sec.error(name, f"secrets are never written in the config: use {name}_env "
+                              f"(an environment variable) or {name}_file (a root-only file)")
+    return ref
+
+
+def parse_capacity(sec: _Section, pbx: str) -> CapacityConfig:
+    """The ``capacity:`` section (see contrib/agent.yaml)."""
+    d = CapacityConfig()
+    classes: list[PriorityClass] = []
+    raw = sec.raw("priority", [])
+    if not isinstance(raw, list):
+        raise sec.error("priority", "must be a list of priority classes")
+    for i, item in enumerate(raw):
+        pc = _Section(sec.path, sec.key(f"priority[{i}]"), item)
+        cls = PriorityClass(name=pc.text("name"), callerid=pc.strings("callerid", required=False),
+                            did=pc.strings("did", required=False),
+                            when=pc.get_str("when", "always", choices=PRIORITY_WHEN))
+        if not cls.callerid and not cls.did:
+            raise pc.error("callerid", "a priority class needs callerid or did patterns")
+        for key, patterns in (("callerid", cls.callerid), ("did", cls.did)):
+            for pattern in patterns:
+                if pattern.startswith("^"):
+                    try:
+                        re.compile(pattern)
+                    except re.error as exc:
+                        raise pc.error(key, f"bad regular expression {pattern!r}: {exc}") from None
+        pc.check_unknown()
+        classes.append(cls)
+    live: PbxConnection | None = None
+    raw_live = sec.raw("live")
+    if raw_live is not None:
+        lv = _Section(sec.path, sec.key("live"), raw_live)
+        default_port = 5038 if pbx == "asterisk" else 8021
+        ep = lv.endpoint("address", Endpoint("127.0.0.1", default_port))
+        assert ep is not None
+        live = PbxConnection(host=ep.host, port=ep.port,
+                             username=lv.get_str("username", "" if pbx == "freeswitch" else None),
+                             secret=_secret_ref(lv, "secret"))
+        lv.check_unknown()
+    cap = CapacityConfig(
+        engine_calls=sec.get_int("engine_calls", d.engine_calls, 0, 10000),
+        capacity_report=sec.get_str("capacity_report", ""),
+        priority_headroom=sec.get_int("priority_headroom", d.priority_headroom, 0, 10000),
+        priority=tuple(classes),
+        shedding=sec.get_str("shedding", ""),
+        drain_timeout_s=sec.get_int("drain_timeout_s", d.drain_timeout_s, 0, 3600),
+        pbx_conf=sec.get_str("pbx_conf", ""),
+        pbx_vars=sec.get_str("pbx_vars", ""),
+        live=live,
+        live_poll_s=sec.get_float("live_poll_s", d.live_poll_s, 1.0, 3600.0),
+        sensor_interval_s=sec.get_float("sensor_interval_s", d.sensor_interval_s, 0.1, 60.0),
+    )
+    sec.check_unknown()
+    return cap
+
+
 def parse_config(text: str, path: str = "<string>") -> Config:
     """Parse and validate the YAML text of a config file."""
     data = _load_yaml(path, text)
@@ -422,6 +652,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         agent=agent,
         state_dir=top.get_str("state_dir", "/var/lib/pbx-agent"),
         log_level=top.get_str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        hours=parse_hours(top.sub("hours")),
+        capacity=parse_capacity(top.sub("capacity"), pbx),
     )
     top.check_unknown()
     return config
