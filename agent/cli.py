@@ -1,4 +1,4 @@
-"""The `pbx-agent` command: serve, demo, check, models."""
+"""The `pbx-agent` command: serve, demo, check, limits, models."""
 
 from __future__ import annotations
 
@@ -34,29 +34,6 @@ def _load(args: argparse.Namespace, embedded_default: bool = False) -> Config:
 
 # -- serve -------------------------------------------------------------------------------------
 
-async def _serve(config: Config) -> int:
-    import asyncio
-    import signal
-
-    from agent.runtime.aio import AsteriskAgent
-    from agent.runtime.engines import load_engines
-
-    t0 = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    engines = await loop.run_in_executor(None, load_engines, config)
-    agent = AsteriskAgent(config, engines)
-    await agent.start()
-    _LOGGER.info("ready in %.1f s, RSS %.0f MiB", time.perf_counter() - t0, _rss_mib())
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    _LOGGER.info("stopping")
-    await agent.close()
-    engines.close()
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the agent for the PBX named in the config."""
     config = _load(args)
@@ -80,7 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(config, load_engines, ready)
     import asyncio
 
-    return asyncio.run(_serve(config))
+    from agent.runtime.aio import serve as serve_asterisk
+    from agent.runtime.engines import load_engines
+
+    return asyncio.run(serve_asterisk(config, load_engines))
 
 
 # -- demo --------------------------------------------------------------------------------------
@@ -240,9 +220,99 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"model {name}: MISSING ({problem}); install with: {status.spec.install}")
         else:
             print(f"model {name}: ok ({status.path})")
+    from agent.runtime.governor import load_shed_rules, read_static_limits
+
+    try:
+        rules = load_shed_rules(config)
+        print(f"shedding: {len(rules.rules)} rules from {rules.path}: ok")
+    except ConfigError as exc:
+        print(f"shedding: {exc}")
+        problems.append(f"shedding rules: {exc}")
+    static = read_static_limits(config)
+    if static.limits is not None:
+        print(f"PBX limits: {static.path}: ok (max calls "
+              f"{static.limits.max_calls() or 'unlimited'})")
+    else:  # the PBX enforces its own limits either way: a warning, not a failure
+        print(f"PBX limits: warning: {static.problem}")
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     return 1 if problems else 0
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+def _fetch_live(config: Config) -> tuple[object | None, str]:
+    """One live reading over AMI / inbound ESL: (LiveLimits or None, problem text)."""
+    live = config.capacity.live
+    if live is None:
+        return None, "capacity.live not configured"
+    try:
+        if config.pbx == "asterisk":
+            import asyncio
+
+            from agent.pbx.asterisk.ami import AmiLimitsMonitor
+
+            monitor = AmiLimitsMonitor(live.host, live.port, live.username, live.secret.read(),
+                                       poll_s=config.capacity.live_poll_s)
+            return asyncio.run(monitor.fetch_once()), ""
+        from agent.pbx.freeswitch.inbound import fetch_esl_limits
+
+        return fetch_esl_limits(live.host, live.port, live.secret.read()), ""
+    except Exception as exc:  # a dead PBX connection is a finding here, not a crash
+        return None, str(exc)
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    """Print each limit, where it came from, and the effective capacity."""
+    import json
+
+    from agent.runtime.governor import Governor
+
+    config = _load(args)
+    live, live_problem = _fetch_live(config) if args.live else (None, "not asked (--live)")
+    governor = Governor(config, live=lambda: live)  # type: ignore[arg-type, return-value]
+    static = governor.static
+    cap = governor.capacity()
+    terms = governor.terms()
+    headroom = governor.admission.effective_headroom(cap.value) \
+        if hasattr(governor.admission, "effective_headroom") else 0
+    if args.json:
+        print(json.dumps({
+            "pbx": config.pbx,
+            "pbx_conf": static.path,
+            "pbx_conf_problem": static.problem or None,
+            "limits": [{"name": lim.name, "value": lim.value, "source": lim.source}
+                       for lim in (static.limits.limits if static.limits else ())],
+            "live": None if live is None else {k: v for k, v in vars(live).items()},
+            "live_problem": live_problem or None,
+            "terms": [{"name": t.name, "value": t.value, "source": t.source} for t in terms],
+            "effective_capacity": cap.value,
+            "bound_by": cap.binding,
+            "priority_headroom": headroom,
+            "shedding_rules": len(governor.rules.rules),
+            "shedding_file": governor.rules.path,
+        }, indent=2))
+        return 0
+    print(f"PBX {config.pbx}: {static.path or '-'}")
+    if static.limits is not None:
+        for lim in static.limits.limits:
+            value = "unset" if lim.value is None else f"{lim.value:g}"
+            print(f"  {lim.name:20s} {value:>8s}   {lim.source}")
+    else:
+        print(f"  (no limits read: {static.problem})")
+    if live is not None:
+        shown = {k: v for k, v in vars(live).items() if v is not None and k not in ("pbx", "at")}
+        print("live: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    else:
+        print(f"live: - ({live_problem})")
+    print("capacity terms:")
+    for t in terms:
+        value = "no limit" if t.value is None else str(t.value)
+        print(f"  {t.name:8s} {value:>8s}   {t.source}")
+    print(f"effective capacity: {cap.value} concurrent calls (bound by {cap.binding}); "
+          f"{headroom} kept for priority callers")
+    print(f"shedding: {len(governor.rules.rules)} rules from {governor.rules.path}")
+    return 0
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -290,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate config and models; non-zero exit on problems")
     c.add_argument("--verify", action="store_true", help="also checksum the model files")
     c.set_defaults(func=cmd_check)
+    li = sub.add_parser("limits", help="print the PBX's limits, their sources and the "
+                        "effective capacity")
+    li.add_argument("--live", action="store_true",
+                    help="also ask the running PBX (AMI / inbound ESL from capacity.live)")
+    li.add_argument("--json", action="store_true", help="machine-readable output")
+    li.set_defaults(func=cmd_limits)
     m = sub.add_parser("models", help="list models, or `models install NAME`")
     m.add_argument("action", nargs="?", default="list", choices=("list", "install"))
     m.add_argument("name", nargs="?")

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ PBX_KINDS = ("asterisk", "freeswitch")
 STT_BACKENDS = ("auto", "whisper", "vosk")
 INTENT_KINDS = ("transfer", "goodbye", "say")
 TOP_LEVEL_KEYS = ("pbx", "rate_hz", "max_calls", "state_dir", "log_level", "listen", "models",
-                  "turn", "llm", "transfers", "agent", "hours", "capacity")
+                  "turn", "llm", "transfers", "fallback_transfer", "agent", "hours", "capacity")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PRIORITY_WHEN = ("always", "business-hours", "after-hours")
 DEFAULT_PBX_CONF = {"asterisk": "/etc/asterisk/asterisk.conf",
@@ -94,6 +94,8 @@ class LlmConfig:
     timeout_ms: int = 6000
     #: earlier exchanges put in the prompt; each costs prefill time on every open question
     history_turns: int = 0
+    #: max_tokens while load shedding is at level `brief` (one short sentence)
+    brief_max_tokens: int = 16
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ class HoursConfig:
         if not self.windows:
             return True
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         local = when.astimezone(ZoneInfo(self.timezone))
         if local.date().isoformat() in self.closed_dates:
             return False
@@ -259,6 +261,15 @@ class Config:
     log_level: str = "INFO"
     hours: HoursConfig = HoursConfig()
     capacity: CapacityConfig = CapacityConfig()
+    #: the `transfers` name a call goes to when the agent hands it to a human on its own
+    #: (DTMF 0, engine failure, max call length, drain timeout); "" = front-desk or the first
+    fallback_transfer: str = ""
+
+    def fallback_target(self) -> str:
+        """The dial string of the human fallback (from the allowlist), or "" if none."""
+        name = self.fallback_transfer or ("front-desk" if "front-desk" in self.transfers
+                                          else next(iter(self.transfers), ""))
+        return self.transfers.get(name, "")
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -604,6 +615,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         temperature=ll.get_float("temperature", lc.temperature, 0.0, 2.0),
         timeout_ms=ll.get_int("timeout_ms", lc.timeout_ms, 500, 120000),
         history_turns=ll.get_int("history_turns", lc.history_turns, 0, 2),
+        brief_max_tokens=ll.get_int("brief_max_tokens", lc.brief_max_tokens, 4, 512),
     )
     ll.check_unknown()
 
@@ -639,6 +651,9 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             raise ConfigError(path, f"agent.intents[{i}].target",
                               f"{intent.target!r} is not in the `transfers` allowlist")
 
+    fallback = top.get_str("fallback_transfer", "")
+    if fallback and fallback not in transfers:
+        raise top.error("fallback_transfer", f"{fallback!r} is not in the `transfers` allowlist")
     config = Config(
         path=path,
         pbx=pbx,
@@ -652,6 +667,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         agent=agent,
         state_dir=top.get_str("state_dir", "/var/lib/pbx-agent"),
         log_level=top.get_str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        fallback_transfer=top.get_str("fallback_transfer", ""),
         hours=parse_hours(top.sub("hours")),
         capacity=parse_capacity(top.sub("capacity"), pbx),
     )

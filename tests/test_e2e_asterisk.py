@@ -152,7 +152,9 @@ def test_caller_hangup_mid_reply_leaks_nothing(config: Config, engines: EngineBu
 def test_refused_call_gets_busy(config: Config, engines: EngineBundle,
                                 caller_voice: PiperTts) -> None:
     async def body(agent: AsteriskAgent) -> SimCallReport:
-        agent.admission.max_calls = 0
+        held = [agent.governor.admit("+15550000000", "") for _ in
+                range(agent.governor.capacity().value)]  # reserved, not started: they count
+        assert agent.governor.admission.reserved == len(held)
         script = builtin_script("hangup")
         return await run_sim_call("127.0.0.1", agent.fastagi.port, script, caller_voice)
 
@@ -214,7 +216,7 @@ def test_bad_agi_header_does_not_stop_the_next_call(config: Config, engines: Eng
         r2, w2 = await asyncio.open_connection("127.0.0.1", agent.audiosocket.port)
         w2.write(audio_frame(bytes(320)))  # no UUID frame: refused
         await w2.drain()
-        agent.admission.max_calls = 0
+        agent.governor.start_drain()
         report = await asyncio.wait_for(
             run_sim_call("127.0.0.1", agent.fastagi.port, builtin_script("hangup"),
                          caller_voice), 30)
@@ -224,6 +226,7 @@ def test_bad_agi_header_does_not_stop_the_next_call(config: Config, engines: Eng
 
     report: SimCallReport = run_with_agent(config, engines, body)
     assert report.result == "BUSY"
+    assert report.pbx.variables["AGENT_REASON"] == "draining"
 
 
 def test_slin16_call_gets_16khz_frames_back(config: Config, engines: EngineBundle) -> None:

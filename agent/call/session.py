@@ -99,8 +99,14 @@ class CallSession:
 
     def __init__(self, call_id: str, config: Config, engines: EngineBundle, policy: DialogPolicy,
                  rate_hz: int, stt_pool: Executor, tts_pool: Executor,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 shed_level: Callable[[], str] = lambda: "normal",
+                 on_latency: Callable[[float], None] | None = None) -> None:
         self.call_id = call_id
+        #: the load-shedding level now (normal, brief, canned, reject-new), read at every turn
+        self.shed_level = shed_level
+        #: gets each turn's response latency (ms), e.g. the shedding rules' p95 window
+        self.on_latency = on_latency
         self.config = config
         self.engines = engines
         self.policy = policy
@@ -228,6 +234,8 @@ class CallSession:
                 record, endpoint_at = pending
                 record.endpoint_to_audio_ms = (now - endpoint_at) * 1000.0 + \
                     self.config.turn.endpoint_silence_ms
+                if self.on_latency is not None:
+                    self.on_latency(record.endpoint_to_audio_ms)
         return frame
 
     def _on_frame(self, frame: bytes) -> None:
@@ -386,8 +394,15 @@ class CallSession:
                      record.path, utt.text)
         reply_id = self._next_reply_id()
         self._pending_latency[reply_id] = (record, utt.endpoint_at)
-        if isinstance(decision, AskLlm):
-            self._answer_llm(decision, record, reply_id)
+        level = self.shed_level()
+        if isinstance(decision, AskLlm) and level in ("canned", "reject-new"):
+            # shedding: no LLM; offer a person (a "yes" transfers, as for any fallback)
+            record.path = "canned"
+            record.reply_text = self.config.agent.fallback
+            self.policy.note_reply(record.reply_text)
+            self._say_fixed(record.reply_text, reply_id, record)
+        elif isinstance(decision, AskLlm):
+            self._answer_llm(decision, record, reply_id, brief=level == "brief")
         elif isinstance(decision, Transfer):
             record.reply_text = decision.text
             target = self.config.transfers.get(decision.target_name)
@@ -410,12 +425,19 @@ class CallSession:
                 self._say_fixed(decision.text, reply_id, record)
         self._history.append((utt.text, record.reply_text))
 
-    def _answer_llm(self, decision: AskLlm, record: TurnRecord, reply_id: int) -> None:
+    def _answer_llm(self, decision: AskLlm, record: TurnRecord, reply_id: int,
+                    brief: bool = False) -> None:
         tokens: queue.Queue[object] = queue.Queue()
-        turns = self.config.llm.history_turns
+        turns = 0 if brief else self.config.llm.history_turns
         history = self._history[-turns:] if turns else []
+        max_tokens = self.config.llm.max_tokens
+        max_sentences = 2
+        if brief:  # shedding level `brief`: one short sentence, less LLM time per turn
+            max_tokens = min(max_tokens, self.config.llm.brief_max_tokens)
+            max_sentences = 1
+            record.path = "llm-brief"
         request = LlmRequest(messages=self.policy.llm_messages(history, decision.user_text),
-                             max_tokens=self.config.llm.max_tokens,
+                             max_tokens=max_tokens,
                              temperature=self.config.llm.temperature)
         t0 = time.perf_counter()
         self._current_llm = self.engines.llm.submit(
@@ -426,7 +448,7 @@ class CallSession:
         deadline = time.monotonic() + self.config.llm.timeout_ms / 1000.0
         try:
             finished = False
-            while not finished and len(spoken) < 2:
+            while not finished and len(spoken) < max_sentences:
                 self._check_interrupt()
                 try:
                     item = tokens.get(timeout=max(0.01, min(0.1, deadline - time.monotonic())))
@@ -450,7 +472,7 @@ class CallSession:
                         break
                     spoken.append(reply)
                     self._say_tts(reply, reply_id, record, t0)
-                    if len(spoken) >= 2:
+                    if len(spoken) >= max_sentences:
                         break
         finally:
             self._cancel_llm()
@@ -513,12 +535,8 @@ class CallSession:
             self._current_llm = None
 
     def default_target(self) -> str:
-        """The human fallback: the first transfer intent's allowlisted target."""
-        for intent in self.config.agent.intents:
-            target = intent.target
-            if intent.kind == "transfer" and target and target in self.config.transfers:
-                return self.config.transfers[target]
-        return next(iter(self.config.transfers.values()), "")
+        """The human fallback: `fallback_transfer` from the allowlist (front-desk by default)."""
+        return self.config.fallback_target()
 
     def _end(self, result: CallResult, reason: str, transfer_to: str = "") -> None:
         with self._lock:

@@ -120,6 +120,8 @@ class LlmScheduler:
         self._queue: collections.deque[tuple[LlmRequest, TokenCallback]] = collections.deque()
         self._running: LlmRequest | None = None
         self._closing = False
+        #: gets each request's queue wait in ms as it starts (the shedding rules' sensor)
+        self.wait_observer: Callable[[float], None] | None = None
         self._worker = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._worker.start()
 
@@ -204,6 +206,12 @@ class LlmScheduler:
     def _serve(self, request: LlmRequest, on_token: TokenCallback) -> None:
         """Generate one request, streaming its pieces to ``on_token``."""
         request.started_at = time.monotonic()
+        observer = self.wait_observer
+        if observer is not None and request.queued_at is not None:
+            try:
+                observer((request.started_at - request.queued_at) * 1000.0)
+            except Exception:
+                _LOGGER.exception("LLM wait observer failed")
 
         def should_stop() -> bool:
             return request.cancelled.is_set() or self._closing

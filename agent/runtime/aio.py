@@ -11,19 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
+import signal
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent.audio import FRAME_MS, resample
 from agent.call.session import CallOutcome, CallResult, CallSession
+from agent.capacity.admission import Refusal, Ticket
+from agent.capacity.limits import LiveLimits
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
 from agent.pbx.asterisk.audiosocket import AudioSocketConnection, AudioSocketServer, Kind
 from agent.pbx.asterisk.fastagi import AgiChannel, FastAgiServer
+from agent.runtime import systemd
+from agent.runtime.governor import Governor
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -120,30 +126,6 @@ async def drive_session(session: CallSession, media: AudioSocketMedia) -> CallOu
 
 
 @dataclass
-class Admission:
-    """The simplest admission controller: reserve a slot before answering."""
-
-    max_calls: int
-    active: int = 0
-    refused: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def try_reserve(self) -> bool:
-        """Take a slot, counting reserved-but-not-started calls."""
-        with self._lock:
-            if self.active >= self.max_calls:
-                self.refused += 1
-                return False
-            self.active += 1
-            return True
-
-    def release(self) -> None:
-        """Give a slot back."""
-        with self._lock:
-            self.active = max(0, self.active - 1)
-
-
-@dataclass
 class CallSummary:
     """What the FastAGI handler knows of a finished call (for logs, tests, the demo)."""
 
@@ -156,10 +138,15 @@ class AsteriskAgent:
     """The FastAGI + AudioSocket servers of one pbx-agent process."""
 
     def __init__(self, config: Config, engines: EngineBundle,
-                 fastagi_port: int | None = None, audiosocket_port: int | None = None) -> None:
+                 fastagi_port: int | None = None, audiosocket_port: int | None = None,
+                 live: Callable[[], LiveLimits | None] = lambda: None) -> None:
         self.config = config
         self.engines = engines
-        self.admission = Admission(config.max_calls)
+        llm = getattr(engines, "llm", None)
+        self.governor = Governor(config, live=live,
+                                 llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
+        if llm is not None and hasattr(llm, "wait_observer"):
+            llm.wait_observer = self.governor.llm_wait.add
         lis = config.listen
         agi_port = lis.fastagi.port if fastagi_port is None else fastagi_port
         self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host, port=agi_port)
@@ -172,17 +159,39 @@ class AsteriskAgent:
         self.sessions: dict[str, CallSession] = {}
 
     async def start(self) -> None:
-        """Bind both listeners."""
+        """Bind both listeners, start the load sensors."""
+        self.governor.start()
         await self.audiosocket.start()
         await self.fastagi.start()
         _LOGGER.info("listening: FastAGI %s:%d, AudioSocket %s:%d",
                      self.config.listen.fastagi.host, self.fastagi.port,
                      self.config.listen.audiosocket.host, self.audiosocket.port)
 
+    async def drain(self, timeout_s: float, poll_s: float = 0.1) -> int:
+        """Refuse new calls, let active ones finish for up to ``timeout_s``, then hand every
+        call still running back to the dialplan (TRANSFER to the fallback); returns that count."""
+        self.governor.start_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.governor.admission.in_use and loop.time() < deadline:
+            await asyncio.sleep(poll_s)
+        handed_back = 0
+        for call_id, session in list(self.sessions.items()):
+            if not session.done:
+                _LOGGER.warning("call %s: drain timeout, handing back to the dialplan", call_id)
+                session.abort("drain-timeout", CallResult.TRANSFER)
+                handed_back += 1
+        # let the AGI handlers set AGENT_RESULT and return before the listeners close
+        deadline = loop.time() + 5.0
+        while self.governor.admission.in_use and loop.time() < deadline:
+            await asyncio.sleep(poll_s)
+        return handed_back
+
     async def close(self) -> None:
         """Stop listening, end live calls, stop the worker pools."""
         for session in list(self.sessions.values()):
-            session.abort("shutdown")
+            session.abort("shutdown", CallResult.TRANSFER)
+        self.governor.stop()
         await self.fastagi.close()
         await self.audiosocket.close()
         self.stt_pool.shutdown(wait=True, cancel_futures=True)
@@ -205,25 +214,27 @@ class AsteriskAgent:
     async def _handle_agi(self, agi: AgiChannel) -> None:
         env = agi.env
         call_id = env.uniqueid or uuid.uuid4().hex[:12]
-        if not self.admission.try_reserve():
-            _LOGGER.info("call %s: refused (capacity)", call_id)
-            outcome = CallOutcome(result=CallResult.BUSY, reason="capacity")
+        did = env.dnid if env.dnid and env.dnid != "unknown" else env.extension
+        decision = self.governor.admit(env.callerid, did)
+        if isinstance(decision, Refusal):
+            _LOGGER.info("call %s: refused (%s) %s", call_id, decision.reason, decision.detail)
+            outcome = CallOutcome(result=CallResult.BUSY, reason=decision.reason)
             await self._set_result(agi, outcome)
             self.finished.append(CallSummary(call_id, env.callerid, outcome))
             return
         try:
-            outcome = await self._run_call(agi, call_id)
+            outcome = await self._run_call(agi, call_id, decision)
         except Exception as exc:  # the call boundary: hand the call back, keep serving
             _LOGGER.exception("call %s: failed", call_id)
             outcome = CallOutcome(result=CallResult.ERROR, reason=f"internal:{type(exc).__name__}")
         finally:
-            self.admission.release()
+            decision.release()
         await self._set_result(agi, outcome)
         self.finished.append(CallSummary(call_id, env.callerid, outcome))
         _LOGGER.info("call %s: %s %s %s", call_id, outcome.result.value, outcome.reason,
                      outcome.transfer_to)
 
-    async def _run_call(self, agi: AgiChannel, call_id: str) -> CallOutcome:
+    async def _run_call(self, agi: AgiChannel, call_id: str, ticket: Ticket) -> CallOutcome:
         reply = await agi.answer()
         if reply.code != 200:
             return CallOutcome(result=CallResult.ERROR, reason=f"answer-failed:{reply.code}")
@@ -234,7 +245,10 @@ class AsteriskAgent:
         async def on_media(conn: AudioSocketConnection) -> None:
             session = CallSession(call_id, self.config, self.engines,
                                   DialogPolicy(self.config.agent), self.config.rate_hz,
-                                  self.stt_pool, self.tts_pool)
+                                  self.stt_pool, self.tts_pool,
+                                  shed_level=lambda: self.governor.level,
+                                  on_latency=self.governor.latency.add)
+            ticket.started()
             session_holder.append(session)
             self.sessions[call_id] = session
             try:
@@ -271,3 +285,65 @@ class AsteriskAgent:
                 exec_task.cancel()
                 with contextlib.suppress(BaseException):
                     await exec_task
+
+
+async def _keep_systemd_informed(governor: Governor) -> None:
+    """WATCHDOG=1 from the running loop (a stuck loop gets restarted) and a STATUS= line."""
+    interval = systemd.watchdog_interval_s()
+    period = min(interval, 5.0) if interval else 5.0
+    while True:
+        states = [f"STATUS={governor.status_line()}"]
+        if interval:
+            states.append("WATCHDOG=1")
+        systemd.notify(*states)
+        await asyncio.sleep(period)
+
+
+def _live_monitor(config: Config) -> Any:
+    """The AMI live-limits monitor when `capacity.live` is configured, else None."""
+    live = config.capacity.live
+    if live is None:
+        return None
+    from agent.pbx.asterisk.ami import AmiLimitsMonitor
+
+    return AmiLimitsMonitor(live.host, live.port, live.username, live.secret.read(),
+                            poll_s=config.capacity.live_poll_s)
+
+
+async def serve(config: Config, load: Callable[[Config], EngineBundle]) -> int:
+    """Load engines, serve Asterisk calls until SIGTERM (drain) or SIGINT; the exit code."""
+    t0 = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    engines = await loop.run_in_executor(None, load, config)
+    monitor = _live_monitor(config)
+    if monitor is not None:
+        await monitor.start()  # never blocks: AMI being down never stops calls
+    agent = AsteriskAgent(config, engines,
+                          live=(lambda: monitor.latest) if monitor is not None else lambda: None)
+    await agent.start()
+    _LOGGER.info("ready in %.1f s; %s", time.perf_counter() - t0, agent.governor.status_line())
+    systemd.notify("READY=1", f"STATUS={agent.governor.status_line()}")
+    informer = asyncio.create_task(_keep_systemd_informed(agent.governor))
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        systemd.notify("RELOADING=1")
+        agent.governor.reload()
+        systemd.notify("READY=1", f"STATUS={agent.governor.status_line()}")
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    timeout = config.capacity.drain_timeout_s
+    _LOGGER.info("stopping: draining %d call(s) for up to %d s",
+                 agent.governor.admission.in_use, timeout)
+    systemd.notify("STOPPING=1", f"STATUS=draining {agent.governor.admission.in_use} call(s)")
+    handed_back = await agent.drain(timeout)
+    _LOGGER.info("drained; %d call(s) handed back to the dialplan", handed_back)
+    informer.cancel()
+    await agent.close()
+    if monitor is not None:
+        await monitor.close()
+    engines.close()
+    return 0

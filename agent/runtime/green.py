@@ -16,7 +16,6 @@ import time
 import uuid as uuid_mod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -27,9 +26,13 @@ from greenswitch.esl import OutboundESLServer, OutboundSession
 
 from agent.audio import FRAME_MS, frame_bytes
 from agent.call.session import CallOutcome, CallResult, CallSession
+from agent.capacity.admission import Refusal, Ticket
+from agent.capacity.limits import LiveLimits
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
+from agent.runtime import systemd
+from agent.runtime.governor import Governor
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,27 +47,6 @@ def _free_udp_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class GreenAdmission:
-    """Reserve a slot before answering (greenlets share one thread: no lock needed)."""
-
-    max_calls: int
-    active: int = 0
-    refused: int = 0
-
-    def try_reserve(self) -> bool:
-        """Take a slot, counting reserved-but-not-started calls."""
-        if self.active >= self.max_calls:
-            self.refused += 1
-            return False
-        self.active += 1
-        return True
-
-    def release(self) -> None:
-        """Give a slot back."""
-        self.active = max(0, self.active - 1)
-
-
 class EslCallApp:
     """One call on the outbound Event Socket (greenswitch hands us a connected session)."""
 
@@ -74,6 +56,7 @@ class EslCallApp:
         data: dict[str, str] = session.session_data or {}
         self.uuid = data.get("Unique-ID") or data.get("Channel-Unique-ID") or uuid_mod.uuid4().hex
         self.caller = data.get("Caller-Caller-ID-Number", "")
+        self.did = data.get("Caller-Destination-Number", "")
         try:
             self.rate_hz = int(data.get("Channel-Read-Codec-Rate", "8000"))
         except ValueError:
@@ -99,23 +82,25 @@ class EslCallApp:
 
     def run(self) -> None:
         """The whole call; any failure hands the call back to the dialplan with a reason."""
-        reserved = False
+        ticket: Ticket | None = None
         try:
             self._send("myevents")
             self._send("linger")
-            if not self.agent.admission.try_reserve():
-                _LOGGER.info("call %s: refused (capacity)", self.uuid)
-                self.outcome = CallOutcome(result=CallResult.BUSY, reason="capacity")
+            decision = self.agent.governor.admit(self.caller, self.did)
+            if isinstance(decision, Refusal):
+                _LOGGER.info("call %s: refused (%s) %s", self.uuid, decision.reason,
+                             decision.detail)
+                self.outcome = CallOutcome(result=CallResult.BUSY, reason=decision.reason)
             else:
-                reserved = True
-                self.outcome = self._converse()
+                ticket = decision
+                self.outcome = self._converse(ticket)
         except (Timeout, Exception) as exc:  # the call boundary: log, hand back, keep serving
             _LOGGER.exception("call %s: failed", self.uuid)
             self.outcome = CallOutcome(result=CallResult.ERROR,
                                        reason=f"internal:{type(exc).__name__}")
         finally:
-            if reserved:
-                self.agent.admission.release()
+            if ticket is not None:
+                ticket.release()
         self._hand_back()
         self.agent.finished.append((self.uuid, self.outcome))
 
@@ -152,7 +137,7 @@ class EslCallApp:
                      self.outcome.reason, self.outcome.transfer_to)
         # returning from run() makes greenswitch send `exit`: the dialplan resumes
 
-    def _converse(self) -> CallOutcome:
+    def _converse(self, ticket: Ticket) -> CallOutcome:
         reply = self._send("sendmsg\ncall-command: execute\nexecute-app-name: answer")
         if not reply.startswith("+OK"):
             return CallOutcome(result=CallResult.ERROR, reason="answer-failed")
@@ -161,9 +146,13 @@ class EslCallApp:
         udp.bind((host, 0))
         our_port = udp.getsockname()[1]
         fs_addr = (host, _free_udp_port(host))
+        governor = self.agent.governor
         session = CallSession(self.uuid, self.agent.config, self.agent.engines,
                               DialogPolicy(self.agent.config.agent), self.rate_hz,
-                              self.agent.stt_pool, self.agent.tts_pool)
+                              self.agent.stt_pool, self.agent.tts_pool,
+                              shed_level=lambda: governor.level,
+                              on_latency=governor.latency.add)
+        ticket.started()
         self.agent.sessions[self.uuid] = session
         pumps: list[gevent.Greenlet] = []
         try:
@@ -251,10 +240,15 @@ class _AgentEslServer(OutboundESLServer):
 class FreeSwitchAgent:
     """The outbound-ESL server of one pbx-agent process."""
 
-    def __init__(self, config: Config, engines: EngineBundle, port: int | None = None) -> None:
+    def __init__(self, config: Config, engines: EngineBundle, port: int | None = None,
+                 live: Callable[[], LiveLimits | None] = lambda: None) -> None:
         self.config = config
         self.engines = engines
-        self.admission = GreenAdmission(config.max_calls)
+        llm = getattr(engines, "llm", None)
+        self.governor = Governor(config, live=live,
+                                 llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
+        if llm is not None and hasattr(llm, "wait_observer"):
+            llm.wait_observer = self.governor.llm_wait.add
         self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt")
         self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts")
         self.sessions: dict[str, CallSession] = {}
@@ -269,10 +263,29 @@ class FreeSwitchAgent:
         """Accept calls until stop() (greenswitch polls its accept loop every 0.1 s)."""
         self.server.listen()
 
+    def drain(self, timeout_s: float, poll_s: float = 0.1) -> int:
+        """Refuse new calls, let active ones finish for up to ``timeout_s``, then hand every
+        call still running back to the dialplan (TRANSFER to the fallback); returns that count."""
+        self.governor.start_drain()
+        deadline = time.monotonic() + timeout_s
+        while self.governor.admission.in_use and time.monotonic() < deadline:
+            gevent.sleep(poll_s)
+        handed_back = 0
+        for call_id, session in list(self.sessions.items()):
+            if not session.done:
+                _LOGGER.warning("call %s: drain timeout, handing back to the dialplan", call_id)
+                session.abort("drain-timeout", CallResult.TRANSFER)
+                handed_back += 1
+        deadline = time.monotonic() + 2 * COMMAND_TIMEOUT_S
+        while self.governor.admission.in_use and time.monotonic() < deadline:
+            gevent.sleep(poll_s)  # each call sets its variables and exits
+        return handed_back
+
     def stop(self) -> None:
         """Stop accepting, end live calls, stop the pools."""
         for session in list(self.sessions.values()):
             session.abort("shutdown", CallResult.TRANSFER)
+        self.governor.stop()
         self.server.stop()
 
     def close(self) -> None:
@@ -281,25 +294,65 @@ class FreeSwitchAgent:
         self.tts_pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _keep_systemd_informed(governor: Governor) -> None:
+    """WATCHDOG=1 from the gevent hub (a stuck hub gets restarted) and a STATUS= line."""
+    interval = systemd.watchdog_interval_s()
+    period = min(interval, 5.0) if interval else 5.0
+    while True:
+        states = [f"STATUS={governor.status_line()}"]
+        if interval:
+            states.append("WATCHDOG=1")
+        systemd.notify(*states)
+        gevent.sleep(period)
+
+
 def serve(config: Config, load: Callable[[Config], EngineBundle],
           on_ready: Callable[[FreeSwitchAgent], None] | None = None) -> int:
-    """Load engines, serve FreeSWITCH calls until SIGTERM/SIGINT; returns the exit code."""
+    """Load engines, serve FreeSWITCH calls until SIGTERM (drain) or SIGINT; the exit code."""
     import signal
 
     engines = load(config)
-    agent = FreeSwitchAgent(config, engines)
+    monitor = None
+    live = config.capacity.live
+    if live is not None:
+        from agent.pbx.freeswitch.inbound import EslLimitsMonitor
+
+        monitor = EslLimitsMonitor(live.host, live.port, live.secret.read(),
+                                   poll_s=config.capacity.live_poll_s)
+        monitor.start()  # never blocks: ESL being down never stops calls
+    agent = FreeSwitchAgent(config, engines,
+                            live=(lambda: monitor.latest) if monitor is not None else lambda: None)
+    agent.governor.start()
     server = gevent.spawn(agent.serve_forever)
     gevent.sleep(0.2)
-    _LOGGER.info("listening: outbound ESL %s:%d", config.listen.esl.host, config.listen.esl.port)
+    _LOGGER.info("listening: outbound ESL %s:%d; %s", config.listen.esl.host,
+                 config.listen.esl.port, agent.governor.status_line())
     if on_ready is not None:
         on_ready(agent)
+    systemd.notify("READY=1", f"STATUS={agent.governor.status_line()}")
+    informer = gevent.spawn(_keep_systemd_informed, agent.governor)
     stopping = gevent.event.Event()
+
+    def reload() -> None:
+        systemd.notify("RELOADING=1")
+        agent.governor.reload()
+        systemd.notify("READY=1", f"STATUS={agent.governor.status_line()}")
+
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
+    gevent.signal_handler(signal.SIGHUP, reload)
     stopping.wait()
-    _LOGGER.info("stopping")
+    timeout = config.capacity.drain_timeout_s
+    _LOGGER.info("stopping: draining %d call(s) for up to %d s",
+                 agent.governor.admission.in_use, timeout)
+    systemd.notify("STOPPING=1", f"STATUS=draining {agent.governor.admission.in_use} call(s)")
+    handed_back = agent.drain(timeout)
+    _LOGGER.info("drained; %d call(s) handed back to the dialplan", handed_back)
+    informer.kill()
     agent.stop()
     server.join(timeout=10)
     agent.close()
+    if monitor is not None:
+        monitor.stop()
     engines.close()
     return 0

@@ -43,7 +43,8 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 class AgentProcess:
     """`pbx-agent serve` with a given config, as a context manager."""
 
-    def __init__(self, config_text: str, ready_timeout_s: float = 240.0) -> None:
+    def __init__(self, config_text: str, ready_timeout_s: float = 240.0,
+                 env: dict[str, str] | None = None) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="pbx-agent-")
         self.config_path = Path(self._dir.name) / "agent.yaml"
         self.config_path.write_text(config_text, encoding="utf-8")
@@ -51,12 +52,13 @@ class AgentProcess:
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        self.env = {**os.environ, **(env or {})}
 
     def __enter__(self) -> AgentProcess:
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "--config", str(self.config_path), "serve"],
-                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+                stdout=out, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + self.ready_timeout_s
         while b"ready in" not in self.log_path.read_bytes():
             if self.proc.poll() is not None:
@@ -70,6 +72,22 @@ class AgentProcess:
     def log(self) -> str:
         """Everything the agent logged so far."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def signal(self, sig: int) -> None:
+        """Send a signal (SIGHUP to reload, SIGTERM to drain and stop)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait_log(self, text: str, timeout_s: float = 30.0) -> bool:
+        """Wait until ``text`` appears in the log; False on timeout or exit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                return text in self.log()
+            time.sleep(0.05)
+        return False
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, then wait; kill if it does not stop in time."""

@@ -38,6 +38,8 @@ class SimCallReport:
     caller: CallerReport
     rows: list[TurnRow] = field(default_factory=list)
     greeting_text: str = ""
+    #: seconds from the PBX connecting to the agent until the dialplan got the call back
+    call_s: float = 0.0
 
     @property
     def result(self) -> str:
@@ -89,6 +91,7 @@ async def run_sim_call(agi_host: str, agi_port: int, script: CallerScript, synth
     async def media(peer: Any) -> None:
         await caller.run(peer)
 
+    started = loop.time()
     if pbx == "freeswitch":
         from agent.sim.freeswitch import FakeFreeSwitch
 
@@ -100,7 +103,7 @@ async def run_sim_call(agi_host: str, agi_port: int, script: CallerScript, synth
         fake = FakeAsterisk(agi_host, agi_port, media=media, rate_hz=rate_hz)
         result = await fake.place_call(callerid=script.callerid,
                                        calleridname=script.calleridname, dnid=script.dnid)
-    report = SimCallReport(script.name, result, caller.report)
+    report = SimCallReport(script.name, result, caller.report, call_s=loop.time() - started)
     heard = agent_turns(report.call_id) if agent_turns else []
     for i, m in enumerate(caller.report.turns):
         row = TurnRow(caller_said=m.said, agent_heard="", agent_replied="",
