@@ -274,8 +274,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
     static = governor.static
     cap = governor.capacity()
     terms = governor.terms()
-    headroom = governor.admission.effective_headroom(cap.value) \
-        if hasattr(governor.admission, "effective_headroom") else 0
+    headroom = governor.admission.effective_headroom(cap.value)
     if args.json:
         print(json.dumps({
             "pbx": config.pbx,

@@ -553,3 +553,48 @@ def test_log_handed_to_panoramisk_masks_the_secret(caplog: pytest.LogCaptureFixt
     assert WRONG not in caplog.text
     assert caplog.text.count("********") == 3
     assert "Fail to send" in caplog.text and "OSError" in caplog.text
+
+
+# --- `pbx-agent limits --live` against the fake ------------------------------------------------
+
+
+def test_limits_cli_live_reads_ami_and_never_prints_the_secret(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from agent.cli import main
+
+    loop = asyncio.new_event_loop()
+    fake = FakeAmi()
+    port = loop.run_until_complete(fake.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        conf = tmp_path / "asterisk.conf"
+        conf.write_text("[options]\nmaxcalls = 80\n")
+        cfg = tmp_path / "agent.yaml"
+        cfg.write_text(
+            "transfers: {front-desk: PJSIP/100, billing: PJSIP/101, emergency: PJSIP/199}\n"
+            "max_calls: 100\n"
+            f"capacity:\n  pbx_conf: {conf}\n  capacity_report: {tmp_path / 'none.json'}\n"
+            f"  live: {{address: 127.0.0.1:{port}, username: {USER}, "
+            "secret_env: TEST_AMI_SECRET}\n")
+        monkeypatch.setenv("TEST_AMI_SECRET", SECRET)
+        assert main(["--config", str(cfg), "limits", "--live", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        # the live CoreMaxCalls (50) wins over the file's maxcalls (80)
+        assert (data["effective_capacity"], data["bound_by"]) == (50, "pbx")
+        assert data["live"]["max_calls"] == 50 and data["live"]["current_calls"] == 3
+        assert data["terms"][0]["source"] == f"ami 127.0.0.1:{port}"
+
+        monkeypatch.setenv("TEST_AMI_SECRET", "wrong-" + SECRET)
+        fake.failed_login_delay_s = 0.0
+        assert main(["--config", str(cfg), "limits", "--live"]) == 0
+        out = capsys.readouterr().out
+        assert "authentication failed" in out and SECRET not in out
+        assert "bound by pbx" in out and f"{conf}:2" in out  # back to the file's limit
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

@@ -86,3 +86,75 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PBX_AGENT_CONFIG", "/tmp/env.yaml")
     assert resolve_config_path(None) == "/tmp/env.yaml"
     assert resolve_config_path("/tmp/flag.yaml") == "/tmp/flag.yaml"
+
+
+TRANSFERS = "transfers: {front-desk: PJSIP/100, billing: PJSIP/101, emergency: PJSIP/199}\n"
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), [
+    ("hours: {timezone: Mars/Olympus}", "hours.timezone", "unknown timezone"),
+    ("hours: {open: {funday: '08:00-10:00'}}", "hours.open.funday", "days must be"),
+    ("hours: {open: {mon: '8-10'}}", "hours.open.mon", "HH:MM"),
+    ("hours: {open: {mon: '25:00-26:00'}}", "hours.open.mon", "HH:MM"),
+    ("hours: {closed: ['26/12/2026']}", "hours.closed", "YYYY-MM-DD"),
+    ("capacity: {priority: [{name: vip}]}", "capacity.priority[0].callerid", "needs callerid"),
+    ("capacity: {priority: [{name: vip, did: ['^(']}]}", "capacity.priority[0].did",
+     "bad regular expression"),
+    ("capacity: {priority: [{name: vip, did: ['1'], when: lunch}]}",
+     "capacity.priority[0].when", "must be one of"),
+    ("capacity: {live: {username: u, secret: hunter2}}", "capacity.live.secret",
+     "never written in the config"),
+    ("capacity: {live: {address: nowhere}}", "capacity.live.address", "host:port"),
+    ("capacity: {drain_timeout_s: -1}", "capacity.drain_timeout_s", "between"),
+    ("capacity: {surge: 1}", "capacity.surge", "unknown key"),
+    ("fallback_transfer: pizza", "fallback_transfer", "not in the `transfers` allowlist"),
+])
+def test_capacity_and_hours_errors(text: str, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(TRANSFERS + text, "/etc/pbx-agent/agent.yaml")
+    assert info.value.key == key and reason in info.value.reason, str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_business_hours_in_a_timezone_with_overnight_and_closed_days() -> None:
+    from datetime import UTC, datetime
+
+    cfg = parse_config(TRANSFERS + "hours:\n  timezone: Europe/Berlin\n  open:\n"
+                       "    mon-fri: '08:00-18:00'\n    sat: ['22:00-02:00']\n"
+                       "  closed: ['2026-12-24']\n")
+    hours = cfg.hours
+    # Thursday 2026-11-26: Berlin is UTC+1 in winter
+    assert hours.is_open(datetime(2026, 11, 26, 7, 30, tzinfo=UTC))  # 08:30 local
+    assert not hours.is_open(datetime(2026, 11, 26, 6, 30, tzinfo=UTC))  # 07:30 local
+    assert not hours.is_open(datetime(2026, 11, 26, 17, 0, tzinfo=UTC))  # 18:00 local: closed
+    # Saturday 23:00 and Sunday 01:00 local are open (overnight window), Sunday 03:00 is not
+    assert hours.is_open(datetime(2026, 11, 28, 22, 0, tzinfo=UTC))
+    assert hours.is_open(datetime(2026, 11, 29, 0, 0, tzinfo=UTC))
+    assert not hours.is_open(datetime(2026, 11, 29, 2, 0, tzinfo=UTC))
+    # a closed date, although Thursday
+    assert not hours.is_open(datetime(2026, 12, 24, 10, 0, tzinfo=UTC))
+    # no windows at all: always open
+    assert parse_config(TRANSFERS).hours.is_open(datetime(2026, 12, 24, 3, 0, tzinfo=UTC))
+
+
+def test_secret_is_read_at_use_from_env_or_file(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_file = tmp_path / "ami.secret"
+    secret_file.write_text("s3cret\n")
+    cfg = parse_config(TRANSFERS + "capacity:\n  live:\n    username: pbx-agent\n"
+                       f"    secret_env: TEST_PBX_SECRET\n    secret_file: {secret_file}\n")
+    live = cfg.capacity.live
+    assert live is not None and (live.host, live.port) == ("127.0.0.1", 5038)
+    monkeypatch.delenv("TEST_PBX_SECRET", raising=False)
+    assert live.secret.read() == "s3cret"
+    monkeypatch.setenv("TEST_PBX_SECRET", "from-env")
+    assert live.secret.read() == "from-env"
+    assert "s3cret" not in repr(cfg) and "from-env" not in repr(cfg)
+    fs = parse_config(TRANSFERS + "pbx: freeswitch\ncapacity: {live: {secret_env: X}}\n")
+    assert fs.capacity.live is not None and fs.capacity.live.port == 8021
+
+
+def test_fallback_target_defaults_to_front_desk() -> None:
+    assert parse_config(TRANSFERS).fallback_target() == "PJSIP/100"
+    cfg = parse_config(TRANSFERS + "fallback_transfer: billing\n")
+    assert cfg.fallback_target() == "PJSIP/101"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.audio import is_silent
+from agent.capacity.admission import Refusal
 from agent.config import Config, default_config
 from agent.engine.bundle import EngineBundle
 from agent.engine.tts import PiperTts
@@ -102,6 +103,110 @@ def test_freeswitch_overload_three_complete_three_refused(caller_voice: PiperTts
         log = proc.log()
     _check_overload(reports)
     assert log.count("refused (capacity)") == CALLERS - MAX_CALLS
+
+
+# -- shedding levels and priority, in a live agent ---------------------------------------------
+
+OPEN_QUESTION = {"name": "open", "caller": {"callerid": "+14155550123"},
+                 "voice": {"length_scale": 1.15, "noise_snr_db": 35, "mulaw": False},
+                 "turns": [{"say": "Is it normal for my gums to bleed when I brush my teeth?"},
+                           {"say": "Thank you, goodbye."}]}
+
+
+def _shedding_config(config: Config, tmp_path: Path, level: str, extra: str = "") -> Config:
+    """The test config with one rule that trips at the first reading (free RAM is above 0)."""
+    from agent.config import parse_config
+
+    rules = tmp_path / "shedding.yaml"
+    rules.write_text(f"rules:\n  - name: always-{level}\n    sensor: mem_available_mib\n"
+                     f"    above: 0\n    for: 0s\n    level: {level}\n")
+    text = (f"max_calls: {MAX_CALLS}\n" + TRANSFERS +
+            f"capacity:\n  pbx_conf: none\n  capacity_report: /nonexistent.json\n"
+            f"  shedding: {rules}\n{extra}")
+    return parse_config(text, str(tmp_path / "agent.yaml"))
+
+
+@pytest.mark.parametrize(("level", "path"), [("brief", "llm-brief"), ("canned", "canned")])
+def test_shedding_level_changes_the_open_question_path(
+        config: Config, engines: EngineBundle, caller_voice: PiperTts, tmp_path: Path,
+        level: str, path: str) -> None:
+    from agent.sim.caller import parse_script
+
+    shed_config = _shedding_config(config, tmp_path, level)
+
+    async def main() -> tuple[SimCallReport, list[str], str]:
+        agent = AsteriskAgent(shed_config, engines, fastagi_port=0, audiosocket_port=0)
+        await agent.start()
+        try:
+            assert agent.governor.level == level
+            report = await run_sim_call("127.0.0.1", agent.fastagi.port,
+                                        parse_script(OPEN_QUESTION), caller_voice)
+            turns = agent.finished[-1].outcome.turns
+            return report, [t.path for t in turns], turns[0].reply_text
+        finally:
+            await agent.close()
+
+    report, paths, first_reply = asyncio.run(main())
+    assert report.result == "DONE", (report.result, report.reason)
+    assert paths[0] == path, paths
+    if level == "canned":  # no LLM at all: the fixed offer to connect a person
+        assert first_reply == default_config().agent.fallback
+    else:  # one short sentence at most
+        assert first_reply.count(". ") == 0, first_reply
+
+
+def test_reject_new_refuses_ordinary_callers_but_not_priority(
+        config: Config, engines: EngineBundle, caller_voice: PiperTts, tmp_path: Path) -> None:
+    extra = ("  priority:\n    - name: vip\n      callerid: ['_+1415555019X']\n")
+    shed_config = _shedding_config(config, tmp_path, "reject-new", extra)
+
+    async def main() -> tuple[SimCallReport, SimCallReport]:
+        agent = AsteriskAgent(shed_config, engines, fastagi_port=0, audiosocket_port=0)
+        await agent.start()
+        try:
+            script = builtin_script("hangup")
+            ordinary = await run_sim_call("127.0.0.1", agent.fastagi.port, script, caller_voice)
+            vip = await run_sim_call("127.0.0.1", agent.fastagi.port,
+                                     dataclasses.replace(script, callerid="+14155550199"),
+                                     caller_voice)
+            return ordinary, vip
+        finally:
+            await agent.close()
+
+    ordinary, vip = asyncio.run(main())
+    assert (ordinary.result, ordinary.reason) == ("BUSY", "shed:always-reject-new")
+    assert ordinary.pbx.exec_results == [] and ordinary.call_s < 1.0
+    assert vip.result == "DONE" and vip.pbx.answered
+
+
+def test_priority_headroom_through_the_simulator(
+        config: Config, engines: EngineBundle, caller_voice: PiperTts) -> None:
+    from agent.config import parse_config
+
+    text = ("max_calls: 2\n" + TRANSFERS + "capacity:\n  pbx_conf: none\n"
+            "  capacity_report: /nonexistent.json\n  shedding: ''\n  priority_headroom: 1\n"
+            "  priority:\n    - {name: vip, callerid: ['+14155550199']}\n")
+    cfg = parse_config(text, "<test>")
+
+    async def main() -> tuple[SimCallReport, SimCallReport, int]:
+        agent = AsteriskAgent(cfg, engines, fastagi_port=0, audiosocket_port=0)
+        await agent.start()
+        try:
+            held = agent.governor.admit("+14155550100", "510")  # one ordinary call starting
+            assert not isinstance(held, Refusal)
+            script = builtin_script("hangup")
+            ordinary = await run_sim_call("127.0.0.1", agent.fastagi.port, script, caller_voice)
+            vip = await run_sim_call("127.0.0.1", agent.fastagi.port,
+                                     dataclasses.replace(script, callerid="+14155550199"),
+                                     caller_voice)
+            held.release()
+            return ordinary, vip, agent.governor.admission.counts()["priority_admitted"]
+        finally:
+            await agent.close()
+
+    ordinary, vip, priority_admitted = asyncio.run(main())
+    assert (ordinary.result, ordinary.reason) == ("BUSY", "capacity")
+    assert vip.result == "DONE" and priority_admitted == 1
 
 
 # -- the daemon: notify, reload, drain ---------------------------------------------------------
