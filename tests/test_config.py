@@ -158,3 +158,33 @@ def test_fallback_target_defaults_to_front_desk() -> None:
     assert parse_config(TRANSFERS).fallback_target() == "PJSIP/100"
     cfg = parse_config(TRANSFERS + "fallback_transfer: billing\n")
     assert cfg.fallback_target() == "PJSIP/101"
+
+
+T3 = "transfers: {front-desk: '1000', billing: '1001', emergency: '1999'}\n"
+
+
+def test_kpi_defaults_and_switches() -> None:
+    config = parse_config(T3, "a.yaml")
+    assert config.kpi.metrics is not None and str(config.kpi.metrics) == "127.0.0.1:9464"
+    assert config.kpi.records_path("/var/lib/pbx-agent") == "/var/lib/pbx-agent/calls.sqlite"
+    assert config.kpi.mask_caller == "last4" and not config.kpi.satisfaction
+    assert not config.naive
+    off = parse_config(T3 + "kpi: {records: off, metrics: off, satisfaction: true}\n"
+                       "naive: true\n", "a.yaml")
+    assert off.kpi.records_path("/x") is None and off.kpi.metrics is None
+    assert off.kpi.satisfaction and off.naive
+    assert parse_config(T3 + "kpi: {records: /tmp/c.db}\n").kpi.records_path("/x") == "/tmp/c.db"
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), [
+    ("kpi: {mask_caller: partial}", "kpi.mask_caller", "must be one of full, last4, hash, none"),
+    ("kpi: {metrics: 9464}", "kpi.metrics", "must be host:port"),
+    ("kpi: {satisfaction: maybe}", "kpi.satisfaction", "must be true or false"),
+    ("kpi: {recrods: x}", "kpi.recrods", "unknown key"),
+    ("naive: 1", "naive", "must be true or false"),
+])
+def test_kpi_errors(text: str, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(T3 + text, "/etc/pbx-agent/agent.yaml")
+    assert err.value.key == key and reason in err.value.reason
+    assert str(err.value).startswith("/etc/pbx-agent/agent.yaml: ")

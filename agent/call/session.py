@@ -37,6 +37,7 @@ from agent.engine.llm import LlmRequest
 from agent.engine.stt import SttResult
 from agent.engine.text import SentenceChunker
 from agent.engine.vad import FrameVad
+from agent.kpi.cpu import name_thread, stage_thread_name
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ PREROLL_MS = 200
 JOIN_TIMEOUT_S = 5.0
 _STOP = object()
 _LLM_END = object()
+SATISFACTION_PROMPT = "Before you go, please rate this call from 1 to 5 on your keypad."
+SATISFACTION_THANKS = "Thank you for your rating. Goodbye."
+# the naive baseline (config `naive`): every call's LLM request runs behind this one lock
+_NAIVE_LLM_LOCK = threading.Lock()
 
 
 class CallResult(enum.Enum):
@@ -68,6 +73,7 @@ class TurnRecord:
     tts_first_audio_ms: float | None = None
     endpoint_to_audio_ms: float | None = None
     barged_in: bool = False
+    shed_level: str = "normal"
 
 
 @dataclass
@@ -81,6 +87,8 @@ class CallOutcome:
     turns: list[TurnRecord] = field(default_factory=list)
     barge_ins: int = 0
     max_send_gap_ms: float = 0.0
+    #: post-call DTMF rating 1-5 (kpi.satisfaction), None when not asked or not given
+    satisfaction: int | None = None
 
 
 @dataclass
@@ -123,12 +131,13 @@ class CallSession:
         self._frame_bytes = frame_bytes(rate_hz)
         self._stt_q: queue.Queue[object] = queue.Queue()
         self._utt_q: queue.Queue[_Utterance | None] = queue.Queue()
+        self._rating: queue.Queue[str] | None = None  # set while asking for a rating
         self._preroll: deque[bytes] = deque(maxlen=PREROLL_MS // FRAME_MS)
         self._pending = bytearray()  # caller audio not yet cut into 20 ms frames
         self._chunk = bytearray()
         self._chunk_bytes = frame_bytes(rate_hz, STT_CHUNK_MS)
         # speculative decoding: a one-shot transcription started before the endpoint fires
-        self._one_shot = getattr(engines.stt, "transcribe", None)
+        self._one_shot = None if config.naive else getattr(engines.stt, "transcribe", None)
         self._spec_frames = t.speculative_stt_ms // FRAME_MS
         self._utt_audio = bytearray()
         self._spec: Future[SttResult] | None = None
@@ -209,6 +218,10 @@ class CallSession:
     def on_dtmf(self, digit: str) -> None:
         """A caller DTMF digit: `0` asks for a person."""
         _LOGGER.info("call %s: DTMF %s", self.call_id, digit)
+        rating = self._rating
+        if rating is not None:
+            rating.put(digit)
+            return
         if digit == "0":
             self._end(CallResult.TRANSFER, "dtmf-0", self.default_target())
 
@@ -259,6 +272,8 @@ class CallSession:
         elif in_speech:
             self._push_stt(frame)
             self._maybe_speculate(voiced)
+        elif self.config.naive:
+            self._push_stt(frame)  # the baseline: STT gets every frame, no VAD gating
         else:
             self._preroll.append(frame)
         self._tick_no_input(speaking or in_speech)
@@ -395,6 +410,7 @@ class CallSession:
         reply_id = self._next_reply_id()
         self._pending_latency[reply_id] = (record, utt.endpoint_at)
         level = self.shed_level()
+        record.shed_level = level
         if isinstance(decision, AskLlm) and level in ("canned", "reject-new"):
             # shedding: no LLM; offer a person (a "yes" transfers, as for any fallback)
             record.path = "canned"
@@ -440,8 +456,11 @@ class CallSession:
                              max_tokens=max_tokens,
                              temperature=self.config.llm.temperature)
         t0 = time.perf_counter()
-        self._current_llm = self.engines.llm.submit(
-            request, lambda tok: tokens.put(_LLM_END if tok is None else tok))
+        if self.config.naive:
+            self._naive_llm(request, tokens)
+        else:
+            self._current_llm = self.engines.llm.submit(
+                request, lambda tok: tokens.put(_LLM_END if tok is None else tok))
         chunker = SentenceChunker(first_clause_chars=24)
         spoken: list[str] = []
         fallback = self.config.agent.fallback
@@ -480,6 +499,27 @@ class CallSession:
             spoken.append(fallback)
             self._say_fixed(fallback, reply_id, record)
         record.reply_text = " ".join(spoken)
+
+    def _naive_llm(self, request: LlmRequest, tokens: queue.Queue[object]) -> None:
+        """The baseline: generate in a thread of our own behind one process-wide lock, to the
+        end (a lock holder cannot be cancelled by barge-in), instead of the scheduler."""
+        llm = getattr(self.engines.llm, "_llm", None)
+
+        def generate() -> None:
+            name_thread(stage_thread_name("llm"))
+            try:
+                with _NAIVE_LLM_LOCK:
+                    if llm is None:
+                        return
+                    for piece in llm.stream(request.messages, request.max_tokens,
+                                            request.temperature, request.stop, lambda: False):
+                        tokens.put(piece)
+            except Exception as exc:
+                _LOGGER.warning("call %s: naive LLM failed: %r", self.call_id, exc)
+            finally:
+                tokens.put(_LLM_END)
+
+        threading.Thread(target=generate, name=f"naive-llm-{self.call_id}", daemon=True).start()
 
     # -- speaking -----------------------------------------------------------------------------
 
@@ -526,7 +566,37 @@ class CallSession:
         while self.playback.speaking and not self._done.is_set() and self.clock() < limit:
             self._done.wait(0.02)
         self._done.wait(0.1)
+        if (result is CallResult.DONE and self.config.kpi.satisfaction
+                and reason in ("caller-goodbye", "agent-ended") and not self._done.is_set()):
+            self.outcome.satisfaction = self._ask_rating()
         self._end(result, reason, target)
+
+    def _ask_rating(self) -> int | None:
+        """Post-call rating: ask for a key 1-5, wait kpi.satisfaction_timeout_ms for it."""
+        digits: queue.Queue[str] = queue.Queue()
+        self._rating = digits
+        try:
+            self._say_fixed(SATISFACTION_PROMPT, self._next_reply_id())
+            wait_until = (self.clock() + self.playback.queued_ms / 1000.0
+                          + self.config.kpi.satisfaction_timeout_ms / 1000.0)
+            while not self._done.is_set() and self.clock() < wait_until:
+                try:
+                    digit = digits.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if digit in "12345" and len(digit) == 1:
+                    _LOGGER.info("call %s: rated %s", self.call_id, digit)
+                    self._say_fixed(SATISFACTION_THANKS, self._next_reply_id())
+                    limit = self.clock() + self.playback.queued_ms / 1000.0 + 1.0
+                    while self.playback.speaking and not self._done.is_set() \
+                            and self.clock() < limit:
+                        self._done.wait(0.02)
+                    return int(digit)
+            return None
+        except _Interrupted:
+            return None
+        finally:
+            self._rating = None
 
     def _cancel_llm(self) -> None:
         request = self._current_llm

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import EngineError, ModelMissing
+from agent.kpi.cpu import name_thread, stage_thread_name
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class LlmScheduler:
 
     def _run(self) -> None:
         """Worker loop: serve requests in order until closed."""
+        name_thread(stage_thread_name("llm"))  # ggml's threads inherit it: CPU per stage
         try:
             while True:
                 with self._cond:

@@ -26,10 +26,13 @@ from agent.capacity.limits import LiveLimits
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
+from agent.kpi.cpu import pool_initializer
+from agent.kpi.model import CallRecord
 from agent.pbx.asterisk.audiosocket import AudioSocketConnection, AudioSocketServer, Kind
 from agent.pbx.asterisk.fastagi import AgiChannel, FastAgiServer
 from agent.runtime import systemd
 from agent.runtime.governor import Governor
+from agent.runtime.kpi import RuntimeKpi
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -145,16 +148,19 @@ class AsteriskAgent:
         llm = getattr(engines, "llm", None)
         self.governor = Governor(config, live=live,
                                  llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
-        if llm is not None and hasattr(llm, "wait_observer"):
-            llm.wait_observer = self.governor.llm_wait.add
         lis = config.listen
         agi_port = lis.fastagi.port if fastagi_port is None else fastagi_port
         self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host, port=agi_port)
         self.audiosocket = AudioSocketServer(
             host=lis.audiosocket.host,
             port=lis.audiosocket.port if audiosocket_port is None else audiosocket_port)
-        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt")
-        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts")
+        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt",
+                                           initializer=pool_initializer("stt"))
+        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts",
+                                           initializer=pool_initializer("tts"))
+        self.kpi = RuntimeKpi(config, self.governor, engines, self.stt_pool, self.tts_pool)
+        if llm is not None and hasattr(llm, "wait_observer"):
+            llm.wait_observer = self.kpi.observe_llm_wait
         self.finished: list[CallSummary] = []
         self.sessions: dict[str, CallSession] = {}
 
@@ -215,29 +221,35 @@ class AsteriskAgent:
         env = agi.env
         call_id = env.uniqueid or uuid.uuid4().hex[:12]
         did = env.dnid if env.dnid and env.dnid != "unknown" else env.extension
+        record = self.kpi.new_record(env.uniqueid, env.callerid, did)
         decision = self.governor.admit(env.callerid, did)
         if isinstance(decision, Refusal):
             _LOGGER.info("call %s: refused (%s) %s", call_id, decision.reason, decision.detail)
             outcome = CallOutcome(result=CallResult.BUSY, reason=decision.reason)
             await self._set_result(agi, outcome)
+            self.kpi.refused(record, decision.reason)
             self.finished.append(CallSummary(call_id, env.callerid, outcome))
             return
+        self.kpi.admitted(record, decision.priority)
         try:
-            outcome = await self._run_call(agi, call_id, decision)
+            outcome = await self._run_call(agi, call_id, decision, record)
         except Exception as exc:  # the call boundary: hand the call back, keep serving
             _LOGGER.exception("call %s: failed", call_id)
             outcome = CallOutcome(result=CallResult.ERROR, reason=f"internal:{type(exc).__name__}")
         finally:
             decision.release()
         await self._set_result(agi, outcome)
+        self.kpi.finished(record, outcome)
         self.finished.append(CallSummary(call_id, env.callerid, outcome))
         _LOGGER.info("call %s: %s %s %s", call_id, outcome.result.value, outcome.reason,
                      outcome.transfer_to)
 
-    async def _run_call(self, agi: AgiChannel, call_id: str, ticket: Ticket) -> CallOutcome:
+    async def _run_call(self, agi: AgiChannel, call_id: str, ticket: Ticket,
+                        record: CallRecord) -> CallOutcome:
         reply = await agi.answer()
         if reply.code != 200:
             return CallOutcome(result=CallResult.ERROR, reason=f"answer-failed:{reply.code}")
+        self.kpi.answered(record)
         media_uuid = uuid.uuid4()
         connected: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
         session_holder: list[CallSession] = []
@@ -321,6 +333,7 @@ async def serve(config: Config, load: Callable[[Config], EngineBundle]) -> int:
     agent = AsteriskAgent(config, engines,
                           live=(lambda: monitor.latest) if monitor is not None else lambda: None)
     await agent.start()
+    agent.kpi.open()
     _LOGGER.info("ready in %.1f s; %s", time.perf_counter() - t0, agent.governor.status_line())
     systemd.notify("READY=1", f"STATUS={agent.governor.status_line()}")
     informer = asyncio.create_task(_keep_systemd_informed(agent.governor))
@@ -343,6 +356,7 @@ async def serve(config: Config, load: Callable[[Config], EngineBundle]) -> int:
     _LOGGER.info("drained; %d call(s) handed back to the dialplan", handed_back)
     informer.cancel()
     await agent.close()
+    await loop.run_in_executor(None, agent.kpi.close)  # writes the records still queued
     if monitor is not None:
         await monitor.close()
     engines.close()

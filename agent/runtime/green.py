@@ -31,8 +31,11 @@ from agent.capacity.limits import LiveLimits
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
+from agent.kpi.cpu import pool_initializer
+from agent.kpi.model import CallRecord
 from agent.runtime import systemd
 from agent.runtime.governor import Governor
+from agent.runtime.kpi import RuntimeKpi
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,6 +86,9 @@ class EslCallApp:
     def run(self) -> None:
         """The whole call; any failure hands the call back to the dialplan with a reason."""
         ticket: Ticket | None = None
+        kpi = self.agent.kpi
+        record = kpi.new_record(self.uuid, self.caller, self.did)
+        refused = False
         try:
             self._send("myevents")
             self._send("linger")
@@ -91,9 +97,11 @@ class EslCallApp:
                 _LOGGER.info("call %s: refused (%s) %s", self.uuid, decision.reason,
                              decision.detail)
                 self.outcome = CallOutcome(result=CallResult.BUSY, reason=decision.reason)
+                refused = True
             else:
                 ticket = decision
-                self.outcome = self._converse(ticket)
+                kpi.admitted(record, decision.priority)
+                self.outcome = self._converse(ticket, record)
         except (Timeout, Exception) as exc:  # the call boundary: log, hand back, keep serving
             _LOGGER.exception("call %s: failed", self.uuid)
             self.outcome = CallOutcome(result=CallResult.ERROR,
@@ -102,6 +110,10 @@ class EslCallApp:
             if ticket is not None:
                 ticket.release()
         self._hand_back()
+        if refused:
+            kpi.refused(record, self.outcome.reason)
+        else:
+            kpi.finished(record, self.outcome)
         self.agent.finished.append((self.uuid, self.outcome))
 
     def _hand_back(self) -> None:
@@ -137,10 +149,11 @@ class EslCallApp:
                      self.outcome.reason, self.outcome.transfer_to)
         # returning from run() makes greenswitch send `exit`: the dialplan resumes
 
-    def _converse(self, ticket: Ticket) -> CallOutcome:
+    def _converse(self, ticket: Ticket, record: CallRecord) -> CallOutcome:
         reply = self._send("sendmsg\ncall-command: execute\nexecute-app-name: answer")
         if not reply.startswith("+OK"):
             return CallOutcome(result=CallResult.ERROR, reason="answer-failed")
+        self.agent.kpi.answered(record)
         host = self.agent.config.listen.esl.host
         udp = gsocket.socket(pysocket.AF_INET, pysocket.SOCK_DGRAM)
         udp.bind((host, 0))
@@ -247,10 +260,13 @@ class FreeSwitchAgent:
         llm = getattr(engines, "llm", None)
         self.governor = Governor(config, live=live,
                                  llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
+        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt",
+                                           initializer=pool_initializer("stt"))
+        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts",
+                                           initializer=pool_initializer("tts"))
+        self.kpi = RuntimeKpi(config, self.governor, engines, self.stt_pool, self.tts_pool)
         if llm is not None and hasattr(llm, "wait_observer"):
-            llm.wait_observer = self.governor.llm_wait.add
-        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt")
-        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts")
+            llm.wait_observer = self.kpi.observe_llm_wait
         self.sessions: dict[str, CallSession] = {}
         self.finished: list[tuple[str, CallOutcome]] = []
         app: Callable[[OutboundSession], EslCallApp] = lambda s: EslCallApp(s, self)  # noqa: E731
@@ -323,6 +339,7 @@ def serve(config: Config, load: Callable[[Config], EngineBundle],
     agent = FreeSwitchAgent(config, engines,
                             live=(lambda: monitor.latest) if monitor is not None else lambda: None)
     agent.governor.start()
+    agent.kpi.open()
     server = gevent.spawn(agent.serve_forever)
     gevent.sleep(0.2)
     _LOGGER.info("listening: outbound ESL %s:%d; %s", config.listen.esl.host,
@@ -352,6 +369,7 @@ def serve(config: Config, load: Callable[[Config], EngineBundle],
     agent.stop()
     server.join(timeout=10)
     agent.close()
+    gevent.get_hub().threadpool.spawn(agent.kpi.close).get(timeout=15)
     if monitor is not None:
         monitor.stop()
     engines.close()

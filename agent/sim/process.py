@@ -47,6 +47,16 @@ class AgentProcess:
                  env: dict[str, str] | None = None) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="pbx-agent-")
         self.config_path = Path(self._dir.name) / "agent.yaml"
+        #: where the agent keeps its state (call records) unless the config says otherwise
+        self.state_dir = Path(self._dir.name) / "state"
+        #: the agent's Prometheus endpoint unless the config sets `kpi:` itself
+        self.metrics_url = ""
+        if not re.search(r"(?m)^state_dir:", config_text):
+            config_text += f"\nstate_dir: {self.state_dir}\n"
+        if not re.search(r"(?m)^kpi:", config_text):
+            port = free_port()
+            config_text += f"\nkpi: {{metrics: '127.0.0.1:{port}'}}\n"
+            self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self.config_path.write_text(config_text, encoding="utf-8")
         self.log_path = Path(self._dir.name) / "serve.log"
         self.ready_timeout_s = ready_timeout_s
@@ -68,6 +78,11 @@ class AgentProcess:
                 raise RuntimeError(f"pbx-agent serve not ready:\n{self.log()}")
             time.sleep(0.2)
         return self
+
+    @property
+    def records_path(self) -> Path:
+        """The agent's call records when the config left `state_dir` and `kpi` to us."""
+        return self.state_dir / "calls.sqlite"
 
     def log(self) -> str:
         """Everything the agent logged so far."""

@@ -1,0 +1,173 @@
+"""KPIs of one agent process: a call record per call, the Prometheus endpoint, CPU per stage.
+
+Runtime-neutral (threads only): the asyncio (Asterisk) and gevent (FreeSWITCH) processes each
+build one :class:`RuntimeKpi`. Recording never runs on a call's hot path: the record is built
+from what the call already measured and handed to the records writer thread at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from agent.call.session import CallOutcome, TurnRecord
+from agent.config import Config
+from agent.kpi.cpu import StageCpu
+from agent.kpi.metrics import AgentMetrics
+from agent.kpi.model import CallRecord, TurnKpi, classify_outcome
+from agent.kpi.records import RecordStore, mask_caller
+from agent.runtime.governor import Governor
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _pool_depth(pool: ThreadPoolExecutor) -> int:
+    queue = getattr(pool, "_work_queue", None)
+    return int(queue.qsize()) if queue is not None else 0
+
+
+class RuntimeKpi:
+    """Call records, metrics and CPU-per-stage accounting for one agent process."""
+
+    def __init__(self, config: Config, governor: Governor, engines: Any,
+                 stt_pool: ThreadPoolExecutor, tts_pool: ThreadPoolExecutor,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.governor = governor
+        self.clock = clock
+        self.cpu = StageCpu()
+        self.store: RecordStore | None = None
+        self.metrics = AgentMetrics(config.pbx, _version())
+        self.metrics_port: int | None = None
+        llm = getattr(engines, "llm", None)
+
+        def terms() -> dict[str, float | None]:
+            cap = governor.capacity()
+            out: dict[str, float | None] = {t.name: (None if t.value is None else float(t.value))
+                                            for t in cap.terms}
+            out["effective"] = float(cap.value)
+            return out
+
+        def p95_s() -> float | None:
+            ms = governor.latency.p95()
+            return None if ms is None else ms / 1000.0
+
+        def records() -> tuple[int, int]:
+            store = self.store
+            return (store.written, store.dropped) if store is not None else (0, 0)
+
+        self.metrics.bind(
+            active=lambda: governor.admission.active,
+            starting=lambda: governor.admission.reserved,
+            capacity_terms=terms,
+            shed_level=lambda: governor.level,
+            queue_depths=lambda: {"llm": int(getattr(llm, "queue_depth", 0)),
+                                  "stt": _pool_depth(stt_pool), "tts": _pool_depth(tts_pool)},
+            latency_p95_s=p95_s,
+            cpu_seconds=self.cpu.read,
+            records=records,
+        )
+
+    def open(self) -> None:
+        """Start the records writer and the metrics endpoint as configured.
+
+        A failure of either is logged and the agent keeps serving calls without it: a full disk
+        or a taken port must not stop the phones from being answered (`pbx-agent check` reports
+        both before start).
+        """
+        kpi = self.config.kpi
+        path = kpi.records_path(self.config.state_dir)
+        if path is not None:
+            store = RecordStore(path)
+            try:
+                store.start()
+                self.store = store
+                _LOGGER.info("call records: %s", path)
+            except Exception as exc:
+                _LOGGER.error("call records OFF: %s", exc)
+        if kpi.metrics is not None:
+            try:
+                self.metrics_port = self.metrics.start_server(kpi.metrics.host, kpi.metrics.port)
+                _LOGGER.info("metrics: http://%s:%d/metrics", kpi.metrics.host,
+                             self.metrics_port)
+            except OSError as exc:
+                _LOGGER.error("metrics endpoint OFF: %s", exc)
+
+    def close(self) -> None:
+        """Write the records still queued, stop the endpoint."""
+        if self.store is not None:
+            self.store.close()
+        self.metrics.stop_server()
+
+    def observe_llm_wait(self, ms: float) -> None:
+        """An LLM request's queue wait (ms): the shedding sensor and the metrics histogram."""
+        self.governor.llm_wait.add(ms)
+        self.metrics.observe_llm_wait(ms / 1000.0)
+
+    def new_record(self, pbx_call_id: str, caller: str, did: str) -> CallRecord:
+        """A record for a call the PBX just handed us (before admission)."""
+        try:
+            masked = mask_caller(caller, self.config.kpi.mask_caller)
+        except ValueError:
+            masked = ""
+        return CallRecord(call_id=uuid.uuid4().hex, pbx=self.config.pbx,
+                          pbx_call_id=pbx_call_id, caller=masked, did=did,
+                          started_at=self.clock(), shed_level=self.governor.level)
+
+    def refused(self, record: CallRecord, reason: str) -> None:
+        """A refused call: counted and recorded."""
+        self.metrics.refused(reason)
+        record.ended_at = self.clock()
+        record.result, record.reason, record.outcome = "BUSY", reason, "refused"
+        self._write(record)
+
+    def admitted(self, record: CallRecord, priority: str | None) -> None:
+        """An admitted call (its slot is reserved)."""
+        record.priority_class = priority or ""
+        self.metrics.admitted()
+
+    def answered(self, record: CallRecord) -> None:
+        """The agent answered the call."""
+        record.answered_at = self.clock()
+
+    def finished(self, record: CallRecord, outcome: CallOutcome) -> None:
+        """An admitted call ended (any way): fill in the outcome and turns, record it."""
+        record.ended_at = self.clock()
+        record.result = outcome.result.value
+        record.reason = outcome.reason
+        record.transfer_to = outcome.transfer_to
+        record.outcome = classify_outcome(record.result, record.reason, outcome.caller_hung_up)
+        record.barge_ins = outcome.barge_ins
+        record.satisfaction = outcome.satisfaction
+        record.turns = [turn_kpi(i, t) for i, t in enumerate(outcome.turns)]
+        self._write(record)
+
+    def _write(self, record: CallRecord) -> None:
+        try:
+            self.metrics.call_ended(record)
+        except Exception:
+            _LOGGER.exception("call %s: metrics update failed", record.pbx_call_id)
+        if self.store is not None:
+            self.store.submit(record)
+
+
+def turn_kpi(index: int, turn: TurnRecord) -> TurnKpi:
+    """A session's turn as a KPI turn."""
+    return TurnKpi(index=index, path=turn.path, caller_text=turn.caller_text,
+                   reply_text=turn.reply_text, response_ms=turn.endpoint_to_audio_ms,
+                   stt_ms=turn.stt_ms, llm_first_token_ms=turn.llm_first_token_ms,
+                   tts_first_audio_ms=turn.tts_first_audio_ms, barged_in=turn.barged_in,
+                   shed_level=turn.shed_level)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pbx-agent")
+    except Exception:
+        return ""
