@@ -1,4 +1,4 @@
-"""The `pbx-agent` command: serve, demo, check, limits, models."""
+"""The `pbx-agent` command: serve, demo, check, limits, status, report, capacity, models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.config import Config, default_config, load_config, resolve_config_path
 from agent.errors import AgentError, ConfigError
@@ -349,6 +350,63 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- capacity ----------------------------------------------------------------------------------
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    """Measure the safe capacity over the real protocols; write the report."""
+    from agent.sim.capacity import (
+        DEFAULT_METRICS_URL,
+        CapacityOptions,
+        format_summary,
+        parse_mix,
+        run_capacity,
+        write_report,
+    )
+
+    config: Config | None = None
+    base = ""
+    if args.config or Path(resolve_config_path(None)).exists():
+        config = _load(args)
+        base = Path(config.path).read_text(encoding="utf-8")
+    if args.out:
+        out = str(args.out)
+    elif config is not None:
+        out = str(Path(config.capacity.report_path(config.state_dir)).parent)
+    else:
+        out = "capacity"
+    try:
+        extra: dict[str, Any] = {"mix": parse_mix(args.mix)} if args.mix else {}
+        options = CapacityOptions(
+            pbx=args.pbx or (config.pbx if config is not None else "asterisk"),
+            steps=tuple(int(n) for n in args.steps.split(",") if n.strip()),
+            step_s=args.step_s, p95_ms=args.p95_ms, completion=args.completion, wer=args.wer,
+            **extra,
+            seed=args.seed, naive=args.naive, compare_naive=args.compare_naive, out_dir=out,
+            base_config=base, base_config_path=config.path if config is not None else "",
+            target=args.target, warmup_calls=args.warmup_calls,
+            metrics_url=args.metrics_url or DEFAULT_METRICS_URL, agent_pid=args.pid,
+            calls_per_hour=args.calls_per_hour, aht_s=args.aht,
+            target_blocking=args.target_blocking, stop_after_failures=args.stop_after)
+    except ValueError as exc:
+        print(f"pbx-agent capacity: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging("WARNING")
+    try:
+        result = run_capacity(options, progress=lambda line: print(line, file=sys.stderr,
+                                                                   flush=True))
+    except RuntimeError as exc:  # the agent did not start: its log is in the message
+        print(f"pbx-agent capacity: {exc}", file=sys.stderr)
+        return 1
+    files = write_report(result, out)
+    print(format_summary(result))
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    if config is not None and args.target is None:
+        print(f"the agent reads {config.capacity.report_path(config.state_dir)} at start and "
+              f"on `systemctl reload pbx-agent@{config.pbx}`")
+    return 0
+
+
 # -- limits ------------------------------------------------------------------------------------
 
 def _fetch_live(config: Config) -> tuple[object | None, str]:
@@ -489,6 +547,44 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("--html", metavar="FILE", help="write an HTML report with plots")
     r.set_defaults(func=cmd_report)
+
+    ca = sub.add_parser("capacity", help="measure how many concurrent calls this box takes at "
+                        "the latency and quality targets (simulated callers, real protocols)")
+    ca.add_argument("--pbx", choices=("asterisk", "freeswitch"),
+                    help="protocol to drive (default: the config's pbx)")
+    ca.add_argument("--steps", default="1,2,4,6,8,10,12,16",
+                    help="concurrent calls per step, comma-separated (default 1,2,4,...,16)")
+    ca.add_argument("--step-s", type=float, default=120.0,
+                    help="seconds per step (several turns per call; default 120)")
+    ca.add_argument("--p95-ms", type=float, default=1200.0, help="latency target (default 1200)")
+    ca.add_argument("--completion", type=float, default=0.99,
+                    help="completion target 0..1 (default 0.99)")
+    ca.add_argument("--wer", type=float, default=0.15, help="STT word error target (default 0.15)")
+    ca.add_argument("--mix", help="caller mix, e.g. faq=35,llm=25,transfer=15,silence=5,"
+                    "bargein=10,hangup=10 (the default)")
+    ca.add_argument("--seed", type=int, default=0)
+    naive = ca.add_mutually_exclusive_group()
+    naive.add_argument("--naive", action="store_true",
+                       help="measure the naive baseline only (see README)")
+    naive.add_argument("--compare-naive", action="store_true",
+                       help="also measure the naive baseline and report the ratio")
+    ca.add_argument("--out", help="report folder (default: <state_dir>/capacity of the config, "
+                    "else ./capacity)")
+    ca.add_argument("--target", metavar="HOST:PORT",
+                    help="drive a running agent (its FastAGI or ESL listener) instead of "
+                    "starting one")
+    ca.add_argument("--metrics-url", help="the running agent's metrics endpoint (with --target)")
+    ca.add_argument("--pid", type=int, help="the running agent's pid (with --target; default: "
+                    "the process listening on the target port)")
+    ca.add_argument("--calls-per-hour", type=float, help="busy-hour calls for Erlang B sizing")
+    ca.add_argument("--aht", type=float, help="average handling time, s (default: measured)")
+    ca.add_argument("--target-blocking", type=float, default=0.01,
+                    help="blocking probability the sizing aims for (default 0.01)")
+    ca.add_argument("--stop-after", type=int, default=2,
+                    help="stop after this many failing steps in a row (default 2)")
+    ca.add_argument("--warmup-calls", type=int, default=1,
+                    help="unmeasured calls before the first step (default 1)")
+    ca.set_defaults(func=cmd_capacity)
 
     m = sub.add_parser("models", help="list models, or `models install NAME`")
     m.add_argument("action", nargs="?", default="list", choices=("list", "install"))

@@ -44,3 +44,63 @@ def test_check_requires_vosk_english_when_configured(tmp_path: Path,
                    "transfers: {front-desk: a, billing: b, emergency: c}\n")
     assert main(["--config", str(cfg), "check"]) == 1
     assert "install with: pbx-agent models install vosk-small-en-us" in capsys.readouterr().out
+
+
+def test_capacity_rejects_bad_arguments_before_starting_anything(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    assert main(["capacity", "--steps", "0,2", "--out", "/nonexistent"]) == 2
+    assert "steps must be integers >= 1" in capsys.readouterr().err
+    assert main(["capacity", "--steps", "1", "--mix", "faq"]) == 2
+    assert "not name=weight" in capsys.readouterr().err
+    assert main(["capacity", "--steps", "1", "--target", "nohost"]) == 2
+    assert "target" in capsys.readouterr().err
+
+
+def test_report_and_status_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import time
+
+    from agent.kpi.metrics import AgentMetrics
+    from agent.kpi.model import CallRecord, TurnKpi
+    from agent.kpi.records import RecordStore
+
+    db = tmp_path / "calls.sqlite"
+    store = RecordStore(str(db))
+    store.start()
+    now = time.time()
+    for i, (outcome, latency) in enumerate([("completed", 800.0), ("transferred", 1000.0),
+                                            ("refused", None)]):
+        store.submit(CallRecord(
+            call_id=f"c{i}", pbx="asterisk", started_at=now - 600 + i * 60,
+            answered_at=None if latency is None else now - 599 + i * 60,
+            ended_at=now - 560 + i * 60, outcome=outcome,
+            turns=[] if latency is None else [TurnKpi(0, "faq", response_ms=latency)]))
+    store.close()
+    assert main(["report", "--db", str(db), "--since", "1h"]) == 0
+    out = capsys.readouterr().out
+    assert "completion rate" in out and "50.0 %" in out  # 1 completed of 2 answered
+    assert main(["report", "--db", str(db), "--since", "1h", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data and "completion" in json.dumps(data)
+    html = tmp_path / "r.html"
+    assert main(["report", "--db", str(db), "--since", "1h", "--html", str(html)]) == 0
+    assert html.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert main(["report", "--db", str(tmp_path / "none.sqlite")]) == 1
+    assert "no calls have been recorded" in capsys.readouterr().err
+    assert main(["report", "--db", str(db), "--since", "yesterday"]) == 2
+
+    metrics = AgentMetrics("asterisk")
+    metrics.bind(active=lambda: 2, starting=lambda: 0, shed_level=lambda: "brief",
+                 capacity_terms=lambda: {"effective": 4.0, "config": 4.0})
+    metrics.admitted()
+    port = metrics.start_server("127.0.0.1", 0)
+    try:
+        assert main(["status", "--url", f"http://127.0.0.1:{port}/metrics"]) == 0
+        out = capsys.readouterr().out
+        assert "2 active" in out and "brief" in out
+    finally:
+        metrics.stop_server()
+    assert main(["status", "--url", f"http://127.0.0.1:{port}/metrics"]) == 1
+    assert "not running" in capsys.readouterr().err

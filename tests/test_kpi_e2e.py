@@ -169,3 +169,39 @@ def test_freeswitch_serve_writes_records_and_serves_metrics(voice: PiperTts) -> 
     assert _metric(metrics, "pbx_agent_admissions_total") == 1
     assert _metric(metrics, "pbx_agent_calls_total", outcome="completed") == 1
     assert _metric(metrics, "pbx_agent_active_calls") == 0
+
+
+def test_naive_baseline_mode_serves_a_call_without_phrase_cache_or_scheduler(
+        config: Config, voice: PiperTts) -> None:
+    """The baseline `pbx-agent capacity --compare-naive` measures really answers calls: the LLM
+    runs behind one lock (not through the scheduler), phrases are synthesized at use."""
+    naive = dataclasses.replace(config, naive=True,
+                                kpi=dataclasses.replace(config.kpi, satisfaction=False))
+    engines = load_engines(naive)
+    assert len(engines.phrases) == 0  # no phrase cache
+    script = parse_script({"name": "naive", "caller": {"callerid": "+14155550188"},
+                           "voice": {"length_scale": 1.15, "noise_snr_db": 35, "mulaw": False},
+                           "turns": [{"say": "Is it normal for my gums to bleed when I brush?"},
+                                     {"say": "Thank you, goodbye."}],
+                           "expect_result": "DONE"})
+
+    async def main() -> tuple[SimCallReport, AsteriskAgent]:
+        agent = AsteriskAgent(naive, engines, fastagi_port=0, audiosocket_port=0)
+        await agent.start()
+        try:
+            return await run_sim_call("127.0.0.1", agent.fastagi.port, script, voice), agent
+        finally:
+            await agent.close()
+
+    try:
+        report, agent = asyncio.run(main())
+    finally:
+        engines.close()
+    assert report.result == "DONE", report.reason
+    turns = agent.finished[0].outcome.turns
+    assert [t.path for t in turns] == ["llm", "goodbye"]
+    assert turns[0].llm_first_token_ms is not None  # the LLM did answer
+    assert all(r.latency_ms is not None for r in report.rows)
+    # the scheduler reports every request it serves; the naive path never went through it
+    metrics = agent.kpi.metrics.render().decode()
+    assert "pbx_agent_llm_queue_wait_seconds_count 0.0" in metrics

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agent.audio import FRAME_MS, frame_bytes
@@ -37,7 +37,7 @@ from agent.engine.llm import LlmRequest
 from agent.engine.stt import SttResult
 from agent.engine.text import SentenceChunker
 from agent.engine.vad import FrameVad
-from agent.kpi.cpu import name_thread, stage_thread_name
+from agent.kpi.cpu import pool_initializer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ SATISFACTION_PROMPT = "Before you go, please rate this call from 1 to 5 on your 
 SATISFACTION_THANKS = "Thank you for your rating. Goodbye."
 # the naive baseline (config `naive`): every call's LLM request runs behind this one lock
 _NAIVE_LLM_LOCK = threading.Lock()
+_NAIVE_POOL: ThreadPoolExecutor | None = None
+_NAIVE_POOL_LOCK = threading.Lock()
+
+
+def _naive_pool() -> ThreadPoolExecutor:
+    """Long-lived threads named for the LLM stage (so their CPU counts as `llm`), created on
+    first use: waiting on the lock takes a thread per waiting call, as in a naive server."""
+    global _NAIVE_POOL
+    with _NAIVE_POOL_LOCK:
+        if _NAIVE_POOL is None:
+            _NAIVE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="naive-llm",
+                                             initializer=pool_initializer("llm"))
+        return _NAIVE_POOL
 
 
 class CallResult(enum.Enum):
@@ -501,12 +514,11 @@ class CallSession:
         record.reply_text = " ".join(spoken)
 
     def _naive_llm(self, request: LlmRequest, tokens: queue.Queue[object]) -> None:
-        """The baseline: generate in a thread of our own behind one process-wide lock, to the
-        end (a lock holder cannot be cancelled by barge-in), instead of the scheduler."""
+        """The baseline: generate behind one process-wide lock, to the end (a lock holder
+        cannot be cancelled by barge-in), instead of through the scheduler."""
         llm = getattr(self.engines.llm, "_llm", None)
 
         def generate() -> None:
-            name_thread(stage_thread_name("llm"))
             try:
                 with _NAIVE_LLM_LOCK:
                     if llm is None:
@@ -519,7 +531,7 @@ class CallSession:
             finally:
                 tokens.put(_LLM_END)
 
-        threading.Thread(target=generate, name=f"naive-llm-{self.call_id}", daemon=True).start()
+        _naive_pool().submit(generate)
 
     # -- speaking -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from what the call already measured and handed to the records writer thread at t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +44,7 @@ class RuntimeKpi:
         self.store: RecordStore | None = None
         self.metrics = AgentMetrics(config.pbx, _version())
         self.metrics_port: int | None = None
+        self._stop = threading.Event()
         llm = getattr(engines, "llm", None)
 
         def terms() -> dict[str, float | None]:
@@ -96,9 +98,22 @@ class RuntimeKpi:
                              self.metrics_port)
             except OSError as exc:
                 _LOGGER.error("metrics endpoint OFF: %s", exc)
+        self.start_cpu_polling()
+
+    def start_cpu_polling(self, every_s: float = 1.0) -> None:
+        """Read the per-thread CPU every second, so short-lived engine threads are counted."""
+        def poll() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    self.cpu.read()
+                except Exception:
+                    _LOGGER.debug("CPU reading failed", exc_info=True)
+
+        threading.Thread(target=poll, name="kpi-cpu", daemon=True).start()
 
     def close(self) -> None:
         """Write the records still queued, stop the endpoint."""
+        self._stop.set()
         if self.store is not None:
             self.store.close()
         self.metrics.stop_server()
