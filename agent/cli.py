@@ -379,7 +379,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         options = CapacityOptions(
             pbx=args.pbx or (config.pbx if config is not None else "asterisk"),
             steps=tuple(int(n) for n in args.steps.split(",") if n.strip()),
-            step_s=args.step_s, p95_ms=args.p95_ms, completion=args.completion, wer=args.wer,
+            step_s=args.step_s, min_calls=args.min_calls, p95_ms=args.p95_ms,
+            completion=args.completion, wer=args.wer,
             **extra,
             seed=args.seed, naive=args.naive, compare_naive=args.compare_naive, out_dir=out,
             base_config=base, base_config_path=config.path if config is not None else "",
@@ -556,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="concurrent calls per step, comma-separated (default 1,2,4,...,16)")
     ca.add_argument("--step-s", type=float, default=120.0,
                     help="seconds per step (several turns per call; default 120)")
+    ca.add_argument("--min-calls", type=int, default=10,
+                    help="a step goes on until at least this many calls were placed, so low "
+                    "steps sample the whole mix (default 10)")
     ca.add_argument("--p95-ms", type=float, default=1200.0, help="latency target (default 1200)")
     ca.add_argument("--completion", type=float, default=0.99,
                     help="completion target 0..1 (default 0.99)")

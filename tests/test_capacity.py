@@ -474,13 +474,21 @@ def _check_real_run(result: CapacityResult, steps: tuple[int, ...], out: Path,
 
 def test_real_short_run_asterisk(tmp_path: Path, caller_voice: Synth) -> None:
     lines: list[str] = []
-    opts = CapacityOptions(pbx="asterisk", steps=(1, 2), step_s=15.0, seed=1)
+    opts = CapacityOptions(pbx="asterisk", steps=(1, 2), step_s=15.0, seed=1,
+                           min_calls=0)
     result = run_capacity(opts, progress=lines.append, synth=caller_voice)
     _check_real_run(result, (1, 2), tmp_path, lines)
 
 
 def test_real_short_run_freeswitch(tmp_path: Path, caller_voice: Synth) -> None:
     lines: list[str] = []
-    opts = CapacityOptions(pbx="freeswitch", steps=(1,), step_s=15.0, seed=2)
+    opts = CapacityOptions(pbx="freeswitch", steps=(1,), step_s=15.0, seed=2,
+                           min_calls=0)
     result = run_capacity(opts, progress=lines.append, synth=caller_voice)
     _check_real_run(result, (1,), tmp_path, lines)
+
+
+def test_min_calls_is_validated_and_reported() -> None:
+    with pytest.raises(ValueError, match="min_calls"):
+        CapacityOptions(min_calls=-1)
+    assert CapacityOptions(min_calls=7).summary()["min_calls"] == 7

@@ -115,6 +115,9 @@ class CapacityOptions:
     steps: tuple[int, ...] = DEFAULT_STEPS
     #: seconds each step keeps placing calls (calls in flight then finish and count)
     step_s: float = 120.0
+    #: a step goes on past ``step_s`` until this many calls were placed, so a low step still
+    #: samples the whole mix (3 calls in a minute may hold no LLM question at all)
+    min_calls: int = 10
     #: response latency target: a step's p95 must be at or under it (ms)
     p95_ms: float = 1200.0
     #: completion target: share of calls placed that end as their script expects (0..1)
@@ -172,6 +175,9 @@ class CapacityOptions:
         object.__setattr__(self, "mix", dict(self.mix))
         if not self.step_s > 0:
             raise ValueError(f"step_s must be > 0, got {self.step_s!r}")
+        if isinstance(self.min_calls, bool) or not isinstance(self.min_calls, int) \
+                or self.min_calls < 0:
+            raise ValueError(f"min_calls must be an integer >= 0, got {self.min_calls!r}")
         if not self.p95_ms > 0:
             raise ValueError(f"p95_ms must be > 0, got {self.p95_ms!r}")
         if not 0.0 <= self.completion <= 1.0:
@@ -198,6 +204,7 @@ class CapacityOptions:
         """The options as JSON-able values (the base config only as whether one was given)."""
         return {
             "pbx": self.pbx, "steps": list(self.steps), "step_s": self.step_s,
+            "min_calls": self.min_calls,
             "targets": {"p95_ms": self.p95_ms, "completion": self.completion, "wer": self.wer},
             "mix": dict(self.mix), "seed": self.seed, "naive": self.naive,
             "compare_naive": self.compare_naive, "target": self.target, "out_dir": self.out_dir,
@@ -900,11 +907,13 @@ class _StepRunner:
         t0 = loop.time()
         deadline = t0 + self.options.step_s
         in_flight: dict[int, float] = {}
+        placed = [0]
 
         async def caller_loop(i: int) -> None:
             rng = random.Random(f"{self.options.seed}:{n}:{i}")
             await asyncio.sleep(self.options.stagger_s * i / n)
-            while loop.time() < deadline:
+            while loop.time() < deadline or placed[0] < self.options.min_calls:
+                placed[0] += 1
                 si = self.mix.draw(rng)
                 variant = rng.randrange(self.bank.variants)
                 callerid = f"+1555{rng.randrange(10 ** 7):07d}"
@@ -1296,7 +1305,8 @@ def format_markdown(result: CapacityResult) -> str:
         "## Targets and options", "",
         f"- a step passes with response latency p95 ≤ {t['p95_ms']:.0f} ms, completion ≥ "
         f"{t['completion'] * 100:g} % and STT word error ≤ {t['wer'] * 100:g} %",
-        f"- steps: {', '.join(map(str, o['steps']))} concurrent calls, {o['step_s']:g} s each;"
+        f"- steps: {', '.join(map(str, o['steps']))} concurrent calls, {o['step_s']:g} s each"
+        f" and at least {o.get('min_calls', 0)} calls each;"
         f" stop after {o['stop_after_failures']} failing step(s) in a row"
         + (" (stopped early)" if result.stopped_early else ""),
         "- call mix: " + ", ".join(f"{k} {v:g}" for k, v in o["mix"].items())
