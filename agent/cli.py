@@ -288,9 +288,19 @@ def _metrics_url(args: argparse.Namespace) -> str:
         raise AgentError(f"{config.path}: kpi.metrics: off, so there is no live status; "
                          "turn it on or pass --url")
     host, port = (ep.host, ep.port) if ep is not None else ("127.0.0.1", 9464)
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host}:{port}/metrics"
+    return f"http://{_connectable(host)}:{port}/metrics"
+
+
+def _connectable(host: str) -> str:
+    """The address to connect to for a listener bound to ``host`` (a wildcard bind is reached
+    on loopback)."""
+    import ipaddress
+
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return host
+    return "127.0.0.1" if unspecified else host
 
 
 def cmd_status(args: argparse.Namespace) -> int:

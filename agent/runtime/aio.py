@@ -15,7 +15,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +25,12 @@ from agent.capacity.limits import LiveLimits
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
-from agent.kpi.cpu import pool_initializer
 from agent.kpi.model import CallRecord
 from agent.pbx.asterisk.audiosocket import AudioSocketConnection, AudioSocketServer, Kind
 from agent.pbx.asterisk.fastagi import AgiChannel, FastAgiServer
 from agent.runtime import systemd
 from agent.runtime.governor import Governor
-from agent.runtime.kpi import RuntimeKpi
+from agent.runtime.kpi import build_call_services
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -145,22 +143,14 @@ class AsteriskAgent:
                  live: Callable[[], LiveLimits | None] = lambda: None) -> None:
         self.config = config
         self.engines = engines
-        llm = getattr(engines, "llm", None)
-        self.governor = Governor(config, live=live,
-                                 llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
+        self.governor, self.stt_pool, self.tts_pool, self.kpi = build_call_services(
+            config, engines, live)
         lis = config.listen
         agi_port = lis.fastagi.port if fastagi_port is None else fastagi_port
         self.fastagi = FastAgiServer(self._handle_agi, host=lis.fastagi.host, port=agi_port)
         self.audiosocket = AudioSocketServer(
             host=lis.audiosocket.host,
             port=lis.audiosocket.port if audiosocket_port is None else audiosocket_port)
-        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt",
-                                           initializer=pool_initializer("stt"))
-        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts",
-                                           initializer=pool_initializer("tts"))
-        self.kpi = RuntimeKpi(config, self.governor, engines, self.stt_pool, self.tts_pool)
-        if llm is not None and hasattr(llm, "wait_observer"):
-            llm.wait_observer = self.kpi.observe_llm_wait
         self.finished: list[CallSummary] = []
         self.sessions: dict[str, CallSession] = {}
 

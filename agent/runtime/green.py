@@ -15,7 +15,6 @@ import socket as pysocket
 import time
 import uuid as uuid_mod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import gevent
@@ -31,11 +30,10 @@ from agent.capacity.limits import LiveLimits
 from agent.config import Config
 from agent.dialog.policy import DialogPolicy
 from agent.engine.bundle import EngineBundle
-from agent.kpi.cpu import pool_initializer
 from agent.kpi.model import CallRecord
 from agent.runtime import systemd
 from agent.runtime.governor import Governor
-from agent.runtime.kpi import RuntimeKpi
+from agent.runtime.kpi import build_call_services
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -257,16 +255,8 @@ class FreeSwitchAgent:
                  live: Callable[[], LiveLimits | None] = lambda: None) -> None:
         self.config = config
         self.engines = engines
-        llm = getattr(engines, "llm", None)
-        self.governor = Governor(config, live=live,
-                                 llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
-        self.stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt",
-                                           initializer=pool_initializer("stt"))
-        self.tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts",
-                                           initializer=pool_initializer("tts"))
-        self.kpi = RuntimeKpi(config, self.governor, engines, self.stt_pool, self.tts_pool)
-        if llm is not None and hasattr(llm, "wait_observer"):
-            llm.wait_observer = self.kpi.observe_llm_wait
+        self.governor, self.stt_pool, self.tts_pool, self.kpi = build_call_services(
+            config, engines, live)
         self.sessions: dict[str, CallSession] = {}
         self.finished: list[tuple[str, CallOutcome]] = []
         app: Callable[[OutboundSession], EslCallApp] = lambda s: EslCallApp(s, self)  # noqa: E731

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agent.call.session import CallOutcome, TurnRecord
+from agent.capacity.limits import LiveLimits
 from agent.config import Config
-from agent.kpi.cpu import StageCpu
+from agent.kpi.cpu import StageCpu, pool_initializer
 from agent.kpi.metrics import AgentMetrics
 from agent.kpi.model import CallRecord, TurnKpi, classify_outcome
 from agent.kpi.records import RecordStore, mask_caller
@@ -168,6 +169,23 @@ class RuntimeKpi:
             _LOGGER.exception("call %s: metrics update failed", record.pbx_call_id)
         if self.store is not None:
             self.store.submit(record)
+
+
+def build_call_services(config: Config, engines: Any,
+                        live: Callable[[], LiveLimits | None]
+                        ) -> tuple[Governor, ThreadPoolExecutor, ThreadPoolExecutor, RuntimeKpi]:
+    """What both runtimes build around their engines: the governor, the STT and TTS pools
+    (threads named for CPU per stage) and the KPIs, with the LLM's queue waits observed."""
+    llm = getattr(engines, "llm", None)
+    governor = Governor(config, live=live, llm_depth=lambda: int(getattr(llm, "queue_depth", 0)))
+    stt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stt",
+                                  initializer=pool_initializer("stt"))
+    tts_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts",
+                                  initializer=pool_initializer("tts"))
+    kpi = RuntimeKpi(config, governor, engines, stt_pool, tts_pool)
+    if llm is not None and hasattr(llm, "wait_observer"):
+        llm.wait_observer = kpi.observe_llm_wait
+    return governor, stt_pool, tts_pool, kpi
 
 
 def turn_kpi(index: int, turn: TurnRecord) -> TurnKpi:

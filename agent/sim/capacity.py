@@ -67,6 +67,7 @@ from typing import Any
 import yaml
 
 from agent.engine.text import word_error_rate
+from agent.kpi.report import percentile as report_percentile
 from agent.sim.caller import (
     CallerReport,
     CallerScript,
@@ -666,13 +667,8 @@ def listening_pid(port: int) -> int | None:
 # -- steps -------------------------------------------------------------------------------------
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-quantile (0..1) by linear interpolation; None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """The q-quantile (0..1) by linear interpolation (the report's); None for no values."""
+    return report_percentile(values, q * 100.0) if values else None
 
 
 @dataclass
