@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
+from agent.confbase import Endpoint
+from agent.confbase import Section as _Section
+from agent.confbase import load_yaml as _load_yaml
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/pbx-agent/agent.yaml"
@@ -32,17 +33,6 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PRIORITY_WHEN = ("always", "business-hours", "after-hours")
 DEFAULT_PBX_CONF = {"asterisk": "/etc/asterisk/asterisk.conf",
                     "freeswitch": "/etc/freeswitch/autoload_configs/switch.conf.xml"}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A TCP host and port to listen on or connect to."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -308,115 +298,6 @@ class Config:
         return self.listen.audiosocket_advertise or self.listen.audiosocket
 
 
-class _Section:
-    """Typed, key-checked access to one mapping of the YAML file."""
-
-    def __init__(self, path: str, prefix: str, data: Any) -> None:
-        self.path = path
-        self.prefix = prefix
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(path, prefix or "(top level)",
-                              f"must be a mapping, got {_kind(data)}")
-        self.data: Mapping[str, Any] = data
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.path, self.key(name), reason)
-
-    def raw(self, name: str, default: Any = None) -> Any:
-        self.used.add(name)
-        return self.data.get(name, default)
-
-    def get_str(self, name: str, default: str | None = None, *,
-                choices: tuple[str, ...] = ()) -> str:
-        value = self.raw(name, default)
-        if value is None:
-            raise self.error(name, "is required")
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.error(name, f"must be a string, got {_kind(value)}")
-        text = str(value).strip()
-        if choices and text not in choices:
-            raise self.error(name, f"must be one of {', '.join(choices)}, got {text!r}")
-        return text
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self.get_str(name, default)
-        if not value:
-            raise self.error(name, "must not be empty")
-        return value
-
-    def get_int(self, name: str, default: int, lo: int, hi: int) -> int:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"must be an integer, got {_kind(value)}")
-        if not lo <= value <= hi:
-            raise self.error(name, f"must be between {lo} and {hi}, got {value}")
-        return value
-
-    def get_bool(self, name: str, default: bool) -> bool:
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {_kind(value)}")
-        return value
-
-    def get_float(self, name: str, default: float, lo: float, hi: float) -> float:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(name, f"must be a number, got {_kind(value)}")
-        if not lo <= float(value) <= hi:
-            raise self.error(name, f"must be between {lo} and {hi}, got {value}")
-        return float(value)
-
-    def endpoint(self, name: str, default: Endpoint | None) -> Endpoint | None:
-        value = self.raw(name)
-        if value is None:
-            return default
-        text = str(value).strip()
-        if text.startswith("tcp://"):
-            text = text[len("tcp://"):]
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise self.error(name, f"must be host:port with a port 1-65535, got {value!r}")
-        return Endpoint(host.strip("[]"), int(port))
-
-    def sub(self, name: str) -> _Section:
-        return _Section(self.path, self.key(name), self.raw(name))
-
-    def strings(self, name: str, *, required: bool = True) -> tuple[str, ...]:
-        value = self.raw(name, [])
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise self.error(name, "must be a list of non-empty strings")
-        if required and not value:
-            raise self.error(name, "must list at least one entry")
-        return tuple(v.strip() for v in value)
-
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
-
-
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-def _load_yaml(path: str, text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(path, where, f"invalid YAML: {reason}") from None
-
-
 def default_agent_text() -> str:
     """The embedded default agent definition (a dental clinic receptionist)."""
     return resources.files("agent.data").joinpath("agent_dental.yaml").read_text(encoding="utf-8")
@@ -666,7 +547,8 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     raw_agent = top.raw("agent")
     if raw_agent is None:
         agent = parse_agent("<embedded agent_dental.yaml>", "agent",
-                            yaml.safe_load(default_agent_text()).get("agent"))
+                            _load_yaml("<embedded agent_dental.yaml>",
+                                       default_agent_text()).get("agent"))
     elif isinstance(raw_agent, str):
         agent_path = Path(raw_agent)
         if not agent_path.is_absolute():

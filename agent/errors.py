@@ -14,11 +14,14 @@ class ProtocolError(AgentError, ValueError):
 class ConfigError(AgentError):
     """A config or rule file is invalid; the message names file, key and reason."""
 
-    def __init__(self, path: str, key: str, reason: str) -> None:
+    def __init__(self, path: str, key: str, reason: str, line: int | None = None) -> None:
         self.path = path
         self.key = key
         self.reason = reason
-        super().__init__(f"{path}: {key}: {reason}")
+        #: 1-based line in ``path`` where the offending key or item starts, when known
+        self.line = line
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {key}: {reason}")
 
 
 class ModelMissing(AgentError):

@@ -23,7 +23,7 @@ def test_check_fails_with_file_key_reason(tmp_path: Path,
     bad.write_text("turn:\n  barge_in_ms: 900\n")
     assert main(["--config", str(bad), "check"]) == 1
     err = capsys.readouterr().err
-    assert f"{bad}: turn.barge_in_ms: must be between 40 and 280, got 900" in err
+    assert f"{bad}:2: turn.barge_in_ms: must be between 40 and 280, got 900" in err
 
 
 def test_check_fails_on_a_missing_model(tmp_path: Path,

@@ -50,7 +50,18 @@ def test_errors_name_file_key_reason(text: str, key: str, reason: str) -> None:
     assert info.value.path == "/etc/pbx-agent/agent.yaml"
     assert info.value.key == key
     assert reason in info.value.reason
-    assert str(info.value).startswith(f"/etc/pbx-agent/agent.yaml: {key}: ")
+    where = "/etc/pbx-agent/agent.yaml"
+    if info.value.line is not None:
+        where += f":{info.value.line}"
+    assert str(info.value).startswith(f"{where}: {key}: ")
+
+
+def test_errors_point_at_the_line() -> None:
+    text = "pbx: asterisk\nturn:\n  endpoint_silence_ms: 360\n  barge_in_ms: 5000\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "a.yaml")
+    assert info.value.line == 4
+    assert str(info.value).startswith("a.yaml:4: turn.barge_in_ms: must be between")
 
 
 def test_agent_file_relative_to_config(tmp_path: Path) -> None:
@@ -187,4 +198,4 @@ def test_kpi_errors(text: str, key: str, reason: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(T3 + text, "/etc/pbx-agent/agent.yaml")
     assert err.value.key == key and reason in err.value.reason
-    assert str(err.value).startswith("/etc/pbx-agent/agent.yaml: ")
+    assert str(err.value).startswith("/etc/pbx-agent/agent.yaml:")
