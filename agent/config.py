@@ -8,27 +8,35 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.confbase import Endpoint
 from agent.confbase import Section as _Section
 from agent.confbase import load_yaml as _load_yaml
 from agent.errors import ConfigError
+from agent.flowconf import FlowConfig, parse_flows
+from agent.integrations.breaker import BreakerPolicy
+from agent.integrations.spec import METHODS, IntegrationSpec, SecretHeader, SideWorkConfig
 
 DEFAULT_CONFIG_PATH = "/etc/pbx-agent/agent.yaml"
+EMBEDDED_DEFAULT = "<embedded default.yaml>"
 CONFIG_ENV_VAR = "PBX_AGENT_CONFIG"
 PBX_KINDS = ("asterisk", "freeswitch")
 STT_BACKENDS = ("auto", "whisper", "vosk")
 INTENT_KINDS = ("transfer", "goodbye", "say")
 TOP_LEVEL_KEYS = ("pbx", "rate_hz", "max_calls", "state_dir", "log_level", "listen", "models",
                   "turn", "llm", "transfers", "fallback_transfer", "agent", "hours", "capacity",
-                  "kpi", "naive")
+                  "kpi", "naive", "integrations", "sidework")
+#: plain header names that carry credentials: they must come from `secret_headers`
+_SECRET_HEADER_HINTS = ("authorization", "cookie", "token", "secret", "api-key", "apikey",
+                        "password", "x-auth")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 PRIORITY_WHEN = ("always", "business-hours", "after-hours")
 DEFAULT_PBX_CONF = {"asterisk": "/etc/asterisk/asterisk.conf",
@@ -123,6 +131,11 @@ class AgentConfig:
     error_reply: str
     faq: tuple[FaqEntry, ...]
     intents: tuple[IntentConfig, ...]
+    flows: tuple[FlowConfig, ...] = ()
+
+    def flow(self, name: str) -> FlowConfig | None:
+        """The flow with this name, if declared."""
+        return next((f for f in self.flows if f.name == name), None)
 
     def fixed_phrases(self) -> tuple[str, ...]:
         """Every phrase whose text is known before the call: synthesized once at start-up."""
@@ -130,6 +143,8 @@ class AgentConfig:
                    self.no_input_reply, self.error_reply]
         phrases += [e.answer for e in self.faq]
         phrases += [i.reply for i in self.intents if i.reply]
+        for flow in self.flows:
+            phrases += flow.fixed_phrases()
         return tuple(dict.fromkeys(p for p in phrases if p))
 
 
@@ -284,6 +299,9 @@ class Config:
     #: the naive baseline for capacity comparisons: LLM calls serialized behind one lock in the
     #: caller's thread (not cancellable), no phrase cache, every frame fed to STT (no VAD gating)
     naive: bool = False
+    #: HTTP webhooks the flows call (name → spec)
+    integrations: Mapping[str, IntegrationSpec] = field(default_factory=dict)
+    sidework: SideWorkConfig = SideWorkConfig()
 
     def fallback_target(self) -> str:
         """The dial string of the human fallback (from the allowlist), or "" if none."""
@@ -303,8 +321,13 @@ def default_agent_text() -> str:
     return resources.files("agent.data").joinpath("agent_dental.yaml").read_text(encoding="utf-8")
 
 
-def parse_agent(path: str, prefix: str, data: Any) -> AgentConfig:
-    """Parse and validate an agent definition mapping."""
+def parse_agent(path: str, prefix: str, data: Any, transfers: Collection[str] | None = None,
+                integrations: Collection[str] | None = None) -> AgentConfig:
+    """Parse and validate an agent definition mapping.
+
+    ``transfers`` (the allowlist names) and ``integrations`` (declared webhook names) are what
+    intents and flows may refer to; None skips that check (the caller checks them).
+    """
     sec = _Section(path, prefix, data)
     faq: list[FaqEntry] = []
     raw_faq = sec.raw("faq", [])
@@ -349,9 +372,23 @@ def parse_agent(path: str, prefix: str, data: Any) -> AgentConfig:
             "error_reply", "I'm sorry, I'm having trouble. Let me connect you to someone."),
         faq=tuple(faq),
         intents=tuple(intents),
+        flows=parse_flows(sec, transfers if transfers is not None else _AnyName(),
+                          integrations if integrations is not None else _AnyName()),
     )
     sec.check_unknown()
+    names = {i.name for i in agent.intents}
+    for flow in agent.flows:
+        if flow.name in names:
+            raise ConfigError(path, f"{prefix}.flows", f"flow {flow.name!r} has the name of an "
+                              "intent; give it another", flow.line)
     return agent
+
+
+class _AnyName(frozenset[str]):
+    """An allowlist stand-in that accepts every name (when the caller checks them itself)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 _HHMM = re.compile(r"^([01]?\d|2[0-4]):([0-5]\d)$")
@@ -544,11 +581,19 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         raise top.error("transfers", "must map target names to dial strings")
     transfers = {k: str(v).strip() for k, v in raw_transfers.items()}
 
+    integrations = parse_integrations(top.sub("integrations"))
     raw_agent = top.raw("agent")
+    if raw_agent is None and path != EMBEDDED_DEFAULT:
+        # the embedded agent's flows call the embedded default's webhooks unless overridden
+        embedded = _load_yaml(EMBEDDED_DEFAULT, default_config_text())
+        defaults = parse_integrations(_Section(EMBEDDED_DEFAULT, "integrations",
+                                               embedded.get("integrations")))
+        integrations = {**defaults, **integrations}
+    flow_names = (transfers, tuple(integrations))
     if raw_agent is None:
         agent = parse_agent("<embedded agent_dental.yaml>", "agent",
                             _load_yaml("<embedded agent_dental.yaml>",
-                                       default_agent_text()).get("agent"))
+                                       default_agent_text()).get("agent"), *flow_names)
     elif isinstance(raw_agent, str):
         agent_path = Path(raw_agent)
         if not agent_path.is_absolute():
@@ -561,9 +606,9 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         agent_data = _load_yaml(str(agent_path), agent_text)
         if isinstance(agent_data, Mapping) and "agent" in agent_data:
             agent_data = agent_data["agent"]
-        agent = parse_agent(str(agent_path), "agent", agent_data)
+        agent = parse_agent(str(agent_path), "agent", agent_data, *flow_names)
     else:
-        agent = parse_agent(path, "agent", raw_agent)
+        agent = parse_agent(path, "agent", raw_agent, *flow_names)
     for i, intent in enumerate(agent.intents):
         if intent.target is not None and intent.target not in transfers:
             raise ConfigError(path, f"agent.intents[{i}].target",
@@ -590,9 +635,92 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         capacity=parse_capacity(top.sub("capacity"), pbx),
         kpi=parse_kpi(top.sub("kpi")),
         naive=top.get_bool("naive", False),
+        integrations=integrations,
+        sidework=parse_sidework(top.sub("sidework"), integrations),
     )
     top.check_unknown()
     return config
+
+
+def parse_integrations(sec: _Section) -> dict[str, IntegrationSpec]:
+    """The `integrations` section: name → HTTP webhook (see contrib/agent.yaml)."""
+    specs: dict[str, IntegrationSpec] = {}
+    for name in sec.data:
+        it = sec.sub(str(name))
+        url = it.text("url")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise it.error("url", f"must be an http:// or https:// URL, got {url!r}")
+        if parts.username or parts.password:
+            raise it.error("url", "credentials are never written in the config: use "
+                                  "secret_headers (from the environment or a root-only file)")
+        method = it.get_str("method", "POST").upper()
+        if method not in METHODS:
+            raise it.error("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+        hs = it.sub("headers")
+        headers: list[tuple[str, str]] = []
+        for header in hs.data:
+            value = hs.get_str(str(header))
+            if any(hint in str(header).lower() for hint in _SECRET_HEADER_HINTS):
+                raise hs.error(str(header), "looks like a credential: declare it under "
+                                            "secret_headers with env: or file:")
+            headers.append((str(header), value))
+        ss = it.sub("secret_headers")
+        secrets: list[tuple[str, SecretHeader]] = []
+        for header in ss.data:
+            ref = ss.sub(str(header))
+            secret = SecretHeader(env=ref.get_str("env", ""), file=ref.get_str("file", ""),
+                                  prefix=ref.get_str("prefix", ""))
+            if not secret.env and not secret.file:
+                raise ref.error("env", "a secret header needs env: (a variable) or file: "
+                                       "(a root-only file)")
+            if "value" in ref.data:
+                raise ref.error("value", "secrets are never written in the config: use env: "
+                                         "or file:")
+            ref.check_unknown()
+            secrets.append((str(header), secret))
+        bp = it.sub("breaker")
+        d = BreakerPolicy()
+        breaker = BreakerPolicy(
+            failures=bp.get_int("failures", 3, 1, 1000),
+            window_s=bp.get_float("window_s", d.window_s, 1.0, 86400.0),
+            slow_ms=bp.get_float("slow_ms", 0.0, 0.0, 600000.0),
+            cooldown_s=bp.get_float("cooldown_s", 20.0, 0.1, 86400.0),
+            half_open_calls=bp.get_int("half_open_calls", 1, 1, 100),
+        )
+        bp.check_unknown()
+        idempotent_raw = it.raw("idempotent")
+        idempotent = None if idempotent_raw is None else it.get_bool("idempotent", False)
+        specs[str(name)] = IntegrationSpec(
+            name=str(name), url=url, method=method, headers=tuple(headers),
+            secret_headers=tuple(secrets),
+            timeout_ms=it.get_int("timeout_ms", 2000, 50, 60000),
+            retries=it.get_int("retries", 1, 0, 10),
+            backoff_ms=it.get_int("backoff_ms", 100, 0, 60000),
+            idempotent=idempotent, breaker=breaker)
+        it.check_unknown()
+    return specs
+
+
+def parse_sidework(sec: _Section, integrations: Mapping[str, IntegrationSpec]) -> SideWorkConfig:
+    """The `sidework` section: the background queue for work off the call path."""
+    d = SideWorkConfig()
+    post_call = sec.strings("post_call", required=False)
+    for name in post_call:
+        if name not in integrations:
+            raise sec.error("post_call", f"unknown integration {name!r} (declared: "
+                                         f"{', '.join(integrations) or 'none'})")
+    cfg = SideWorkConfig(
+        max_jobs=sec.get_int("max_jobs", d.max_jobs, 1, 1_000_000),
+        max_attempts=sec.get_int("max_attempts", d.max_attempts, 1, 100),
+        backoff_s=sec.get_float("backoff_s", d.backoff_s, 0.0, 3600.0),
+        max_backoff_s=sec.get_float("max_backoff_s", d.max_backoff_s, 0.0, 86400.0),
+        timeout_ms=sec.get_int("timeout_ms", d.timeout_ms, 50, 120000),
+        path=sec.get_str("path", ""),
+        post_call=post_call,
+    )
+    sec.check_unknown()
+    return cfg
 
 
 def parse_kpi(sec: _Section) -> KpiConfig:
@@ -624,7 +752,7 @@ def default_config_text() -> str:
 
 def default_config() -> Config:
     """The embedded default config (dental clinic agent, loopback listeners)."""
-    return parse_config(default_config_text(), "<embedded default.yaml>")
+    return parse_config(default_config_text(), EMBEDDED_DEFAULT)
 
 
 def resolve_config_path(flag: str | None) -> str:

@@ -39,7 +39,6 @@ def test_contrib_example_parses() -> None:
         ("bogus: 1\n", "bogus", "unknown key"),
         ("models:\n  stt_backend: sphinx\n", "models.stt_backend", "must be one of"),
         ("transfers: [a, b]\n", "transfers", "must map target names to dial strings"),
-        ("transfers: {}\n", "agent.intents[0].target", "is not in the `transfers` allowlist"),
         ("agent: {name: x}\n", "agent.persona", "is required"),
         ("pbx: [\n", "line 2", "invalid YAML"),
     ],
@@ -54,6 +53,13 @@ def test_errors_name_file_key_reason(text: str, key: str, reason: str) -> None:
     if info.value.line is not None:
         where += f":{info.value.line}"
     assert str(info.value).startswith(f"{where}: {key}: ")
+
+
+def test_an_empty_allowlist_is_refused_where_the_agent_uses_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("transfers: {}\n", "/etc/pbx-agent/agent.yaml")
+    assert "is not in the `transfers` allowlist" in info.value.reason
+    assert info.value.path == "<embedded agent_dental.yaml>" and info.value.line
 
 
 def test_errors_point_at_the_line() -> None:

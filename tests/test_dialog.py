@@ -17,6 +17,7 @@ from agent.dialog.policy import (
     DialogPolicy,
     Hangup,
     SayFixed,
+    StartFlow,
     Transfer,
     build_llm_messages,
     finalize_llm_reply,
@@ -148,8 +149,6 @@ def test_fact_tokens_hold_numbers_times_and_names(kb: KnowledgeBase) -> None:
     ("could you uh transfer me to the front desk", "human"),
     ("no, I want a person", "human"),
     ("no thanks i want to talk to someone", "human"),
-    ("I'd like to book an appointment", "booking"),
-    ("i need to schedule uh an appointment for my son", "booking"),
     ("i have a question about my bill", "billing"),
     ("this is an emergency", "emergency"),
     ("i knocked out my tooth playing hockey", "emergency"),
@@ -256,8 +255,9 @@ def test_policy_reprompts_on_noise(policy: DialogPolicy, text: str) -> None:
 
 def test_policy_transfer_paths(policy: DialogPolicy, agent: AgentConfig) -> None:
     assert policy.decide("can I speak to a human") == Transfer("front-desk", agent.transfer_reply)
-    assert policy.decide("I want to make an appointment") == Transfer(
-        "front-desk", "I'll connect you to our front desk to book that.")
+    assert policy.decide("I want to make an appointment") == StartFlow("booking")
+    assert policy.decide("i need to schedule uh an appointment for my son") == \
+        StartFlow("booking")
     billing = policy.decide("I was charged twice")
     assert isinstance(billing, Transfer) and billing.target_name == "billing"
     emergency = policy.decide("my tooth got knocked out")

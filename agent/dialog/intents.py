@@ -27,7 +27,8 @@ NEGATION_WINDOW = 3
 #: A goodbye phrase counts only when it ends within this many words of the utterance's end.
 GOODBYE_TAIL_WORDS = 4
 
-_KIND_RANK = {"transfer": 0, "say": 1, "goodbye": 2}
+#: an explicit request for a person wins; then a flow (book, route); then a fixed reply
+_KIND_RANK = {"transfer": 0, "flow": 1, "say": 2, "goodbye": 3}
 
 
 def intent_words(text: str) -> list[str]:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, IntentConfig
 from agent.dialog.guard import ReplyGuard, sanitize, split_sentences
 from agent.dialog.intents import IntentRecognizer
 from agent.dialog.knowledge import KnowledgeBase, normalize_words
@@ -80,13 +80,20 @@ class Hangup:
 
 
 @dataclass(frozen=True)
+class StartFlow:
+    """Run the named call flow (recognised from its phrases, without the LLM)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class AskLlm:
     """Generate a reply with the LLM, then pass it through `DialogPolicy.finalize_llm_reply`."""
 
     user_text: str
 
 
-Decision = SayFixed | Transfer | Hangup | AskLlm
+Decision = SayFixed | Transfer | Hangup | StartFlow | AskLlm
 
 
 def clean_transcript(text: str) -> str:
@@ -123,7 +130,7 @@ class DialogPolicy:
         self.agent = agent
         self.knowledge = knowledge_for(agent)
         self.guard = ReplyGuard(self.knowledge, (agent.name,))
-        self.intents = IntentRecognizer(agent.intents)
+        self.intents = IntentRecognizer(agent.intents + flow_intents(agent))
         self._handoff = _handoff_target(agent)
         self._offered_connection = False
         self._asked_anything_else = False
@@ -156,6 +163,8 @@ class DialogPolicy:
                 return Transfer(intent.target, intent.reply or self.agent.transfer_reply)
             if intent.kind == "goodbye":
                 return Hangup(intent.reply or self.agent.goodbye)
+            if intent.kind == "flow":
+                return StartFlow(intent.name)
             if intent.reply:
                 return SayFixed(intent.reply)
         words = normalize_words(cleaned)
@@ -172,6 +181,19 @@ class DialogPolicy:
         if match is not None:
             return SayFixed(match.entry.answer)
         return AskLlm(cleaned)
+
+    def escape(self, text: str) -> Transfer | Hangup | None:
+        """Inside a flow: a request for a person (a transfer intent) or a goodbye, else None."""
+        if is_noise(text):
+            return None
+        intent = self.intents.recognize(clean_transcript(text))
+        if intent is None:
+            return None
+        if intent.kind == "transfer" and intent.target:
+            return Transfer(intent.target, intent.reply or self.agent.transfer_reply)
+        if intent.kind == "goodbye":
+            return Hangup(intent.reply or self.agent.goodbye)
+        return None
 
     def llm_messages(self, history: Sequence[tuple[str, str]], user_text: str,
                      brief: bool = False) -> list[dict[str, str]]:
@@ -210,6 +232,12 @@ def build_llm_messages(agent: AgentConfig, history: Sequence[tuple[str, str]], u
         content += "\n(Answer in a few words.)"
     messages.append({"role": "user", "content": content})
     return messages
+
+
+def flow_intents(agent: AgentConfig) -> tuple[IntentConfig, ...]:
+    """The flows started by phrases, as intents of kind `flow` (named after the flow)."""
+    return tuple(IntentConfig(name=f.name, kind="flow", phrases=f.phrases)
+                 for f in agent.flows if f.start == "intent" and f.phrases)
 
 
 @functools.lru_cache(maxsize=16)
