@@ -9,19 +9,32 @@ import re
 import socket
 import threading
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.kpi.metrics import (
+    INTEGRATION_RESULTS,
+    SIDEWORK_RESULTS,
     AgentMetrics,
     StatusSnapshot,
     fetch_metrics,
     format_status,
+    integration_result,
     snapshot_from_metrics,
 )
-from agent.kpi.model import OUTCOMES, SHED_LEVELS, CallRecord, IntegrationCall, TurnKpi
+from agent.kpi.model import (
+    BREAKER_STATES,
+    FLOW_OUTCOMES,
+    OUTCOMES,
+    SHED_LEVELS,
+    CallRecord,
+    FlowRun,
+    IntegrationCall,
+    TurnKpi,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "contrib" / "grafana" / "pbx-agent.json"
@@ -35,8 +48,23 @@ NAMES = (
     "pbx_agent_integration_timeouts_total", "pbx_agent_queue_depth",
     "pbx_agent_llm_queue_wait_seconds", "pbx_agent_engine_cpu_seconds_total",
     "pbx_agent_satisfaction_total", "pbx_agent_records_dropped_total",
-    "pbx_agent_records_written_total",
+    "pbx_agent_records_written_total", "pbx_agent_flow_runs_total",
+    "pbx_agent_integration_latency_seconds", "pbx_agent_integration_breaker_state",
+    "pbx_agent_integration_breaker_transitions_total", "pbx_agent_sidework_depth",
+    "pbx_agent_sidework_jobs_total",
 )
+
+
+@dataclass
+class QueueStats:
+    """What the side-work queue's stats() answers."""
+
+    depth: int = 3
+    dropped: int = 1
+    lost: int = 0
+    delivered: int = 40
+    failed: int = 2
+    restored: int = 5
 
 
 class Live:
@@ -90,7 +118,29 @@ def a_call(outcome: str = "completed", satisfaction: int | None = 4) -> CallReco
                TurnKpi(2, "goodbye", response_ms=None)],
         integrations=[IntegrationCall("crm", ok=True, latency_ms=80.0),
                       IntegrationCall("crm", ok=False, latency_ms=3000.0, timed_out=True),
-                      IntegrationCall("calendar", ok=False, latency_ms=20.0, error="500")])
+                      IntegrationCall("calendar", ok=False, latency_ms=20.0, error="500")],
+        flows=[FlowRun("booking", "completed", steps=5),
+               FlowRun("booking", "fallback", steps=2),
+               FlowRun("routing", "escalated", steps=1)])
+
+
+def observe_all(m: AgentMetrics, calls: list[IntegrationCall]) -> None:
+    """What the webhook client does live, once per call."""
+    for c in calls:
+        m.observe_integration(c.name, c.ok, c.latency_ms, c.timed_out, c.error)
+
+
+def use_everything(m: AgentMetrics) -> None:
+    """One event of every kind, so that every family is exported."""
+    Live().bind(m)
+    m.admitted()
+    m.refused("capacity")
+    rec = a_call()
+    observe_all(m, rec.integrations)
+    m.call_ended(rec)
+    m.observe_llm_wait(0.2)
+    m.set_breaker("crm", "open")
+    m.attach_sidework(QueueStats)
 
 
 def closed_port() -> int:
@@ -103,11 +153,7 @@ def closed_port() -> int:
 
 def test_every_metric_name_is_rendered_once_bound_and_used() -> None:
     m = AgentMetrics("asterisk", "0.1.0")
-    Live().bind(m)
-    m.admitted()
-    m.refused("capacity")
-    m.call_ended(a_call())
-    m.observe_llm_wait(0.2)
+    use_everything(m)
     names = exported_names(m)
     for name in NAMES:
         assert name in names or f"{name}_count" in names, name
@@ -154,20 +200,195 @@ def test_events_move_counters_and_histograms_exactly() -> None:
     assert value(m, "pbx_agent_stage_latency_seconds_sum",
                  stage="llm_first_token") == pytest.approx(0.4)
     assert value(m, "pbx_agent_stage_latency_seconds_count", stage="tts_first_audio") == 2.0
-    # integrations
-    assert value(m, "pbx_agent_integration_calls_total", integration="crm", result="ok") == 1.0
-    assert value(m, "pbx_agent_integration_calls_total", integration="crm",
-                 result="timeout") == 1.0
-    assert value(m, "pbx_agent_integration_calls_total", integration="calendar",
-                 result="error") == 1.0
-    assert value(m, "pbx_agent_integration_timeouts_total", integration="crm") == 1.0
-    assert value(m, "pbx_agent_integration_timeouts_total", integration="calendar") is None
+    # integrations are counted live by observe_integration, never from the final record
+    assert "pbx_agent_integration_calls_total" not in exported_names(m)
+    assert "pbx_agent_integration_timeouts_total" not in exported_names(m)
+    # flow runs
+    assert value(m, "pbx_agent_flow_runs_total", flow="booking", outcome="completed") == 1.0
+    assert value(m, "pbx_agent_flow_runs_total", flow="booking", outcome="fallback") == 1.0
+    assert value(m, "pbx_agent_flow_runs_total", flow="routing", outcome="escalated") == 1.0
+    assert value(m, "pbx_agent_flow_runs_total", flow="routing", outcome="failed") == 0.0
     assert value(m, "pbx_agent_satisfaction_total", rating="4") == 1.0
     m.observe_llm_wait(0.3)
     m.observe_llm_wait(0.02)
     assert value(m, "pbx_agent_llm_queue_wait_seconds_count") == 2.0
     assert value(m, "pbx_agent_llm_queue_wait_seconds_sum") == pytest.approx(0.32)
     assert value(m, "pbx_agent_llm_queue_wait_seconds_bucket", le="0.05") == 1.0
+
+
+def test_integrations_are_counted_once_live_and_not_again_at_call_end() -> None:
+    m = AgentMetrics("asterisk")
+    rec = a_call()
+    rec.integrations.append(IntegrationCall("crm", ok=False, latency_ms=0.0,
+                                            error="breaker-open", attempts=0, breaker="open"))
+    observe_all(m, rec.integrations)  # live, as each call finishes
+    m.call_ended(rec)  # the same calls are in the record: not counted again
+    m.call_ended(rec)
+    assert value(m, "pbx_agent_integration_calls_total", integration="crm", result="ok") == 1.0
+    assert value(m, "pbx_agent_integration_calls_total", integration="crm",
+                 result="timeout") == 1.0
+    assert value(m, "pbx_agent_integration_calls_total", integration="crm",
+                 result="breaker-open") == 1.0
+    assert value(m, "pbx_agent_integration_calls_total", integration="crm", result="error") == 0.0
+    assert value(m, "pbx_agent_integration_calls_total", integration="calendar",
+                 result="error") == 1.0
+    assert value(m, "pbx_agent_integration_timeouts_total", integration="crm") == 1.0
+    assert value(m, "pbx_agent_integration_timeouts_total", integration="calendar") == 0.0
+    calls = sum(v for _, v in samples_of(m)["pbx_agent_integration_calls_total"])
+    assert calls == len(rec.integrations) == 4
+    # latency of the calls sent: the breaker's refusal is left out
+    assert value(m, "pbx_agent_integration_latency_seconds_count", integration="crm") == 2.0
+    assert value(m, "pbx_agent_integration_latency_seconds_sum",
+                 integration="crm") == pytest.approx(3.08)
+    assert value(m, "pbx_agent_integration_latency_seconds_bucket", integration="crm",
+                 le="0.1") == 1.0
+    assert value(m, "pbx_agent_integration_latency_seconds_bucket", integration="crm",
+                 le="3.0") == 2.0
+    assert value(m, "pbx_agent_integration_latency_seconds_count",
+                 integration="calendar") == 1.0
+
+
+def test_integration_result_label() -> None:
+    assert integration_result(True, False, "") == "ok"
+    assert integration_result(False, True, "timeout") == "timeout"
+    assert integration_result(False, False, "breaker-open") == "breaker-open"
+    assert integration_result(False, False, "http-503") == "error"
+    assert integration_result(False, False, "") == "error"
+    assert set(INTEGRATION_RESULTS) == {"ok", "error", "timeout", "breaker-open"}
+
+
+def test_a_new_integration_exports_all_its_series_at_zero() -> None:
+    m = AgentMetrics("asterisk")
+    m.set_breaker("calendar", "closed")  # what the client does when it is built
+    for result in INTEGRATION_RESULTS:
+        assert value(m, "pbx_agent_integration_calls_total", integration="calendar",
+                     result=result) == 0.0
+    assert value(m, "pbx_agent_integration_timeouts_total", integration="calendar") == 0.0
+    assert value(m, "pbx_agent_integration_latency_seconds_count", integration="calendar") == 0.0
+    assert value(m, "pbx_agent_integration_breaker_state", integration="calendar") == 0.0
+    for state in BREAKER_STATES:
+        assert value(m, "pbx_agent_integration_breaker_transitions_total",
+                     integration="calendar", to=state) == 0.0
+
+
+def test_breaker_state_gauge_and_transitions() -> None:
+    m = AgentMetrics("asterisk")
+
+    def state() -> float | None:
+        return value(m, "pbx_agent_integration_breaker_state", integration="crm")
+
+    def moves(to: str) -> float | None:
+        return value(m, "pbx_agent_integration_breaker_transitions_total", integration="crm",
+                     to=to)
+
+    m.set_breaker("crm", "closed")
+    assert (state(), moves("closed")) == (0.0, 0.0)  # a breaker starts closed: no transition
+    m.set_breaker("crm", "open")
+    assert (state(), moves("open")) == (2.0, 1.0)
+    m.set_breaker("crm", "open")  # the same state again is no transition
+    assert moves("open") == 1.0
+    m.set_breaker("crm", "half-open")
+    assert (state(), moves("half-open")) == (1.0, 1.0)
+    m.set_breaker("crm", "open")
+    m.set_breaker("crm", "half-open")
+    m.set_breaker("crm", "closed")
+    assert state() == 0.0
+    assert (moves("closed"), moves("half-open"), moves("open")) == (1.0, 2.0, 2.0)
+    # another integration's first state is a transition from closed unless it is closed
+    m.set_breaker("calendar", "open")
+    assert value(m, "pbx_agent_integration_breaker_transitions_total", integration="calendar",
+                 to="open") == 1.0
+
+
+def test_breaker_on_change_hook_feeds_the_gauge() -> None:
+    from agent.integrations.breaker import BreakerPolicy, CircuitBreaker
+
+    m = AgentMetrics("asterisk")
+    now = [0.0]
+    breaker = CircuitBreaker("crm", BreakerPolicy(failures=2, cooldown_s=10.0),
+                             clock=lambda: now[0],
+                             on_change=lambda name, old, new: m.set_breaker(name, new))
+    m.set_breaker("crm", breaker.state)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record(False)
+    assert value(m, "pbx_agent_integration_breaker_state", integration="crm") == 2.0
+    now[0] += 10.0
+    assert breaker.allow()  # half-open: a trial call goes out
+    assert value(m, "pbx_agent_integration_breaker_state", integration="crm") == 1.0
+    breaker.record(True)
+    assert value(m, "pbx_agent_integration_breaker_state", integration="crm") == 0.0
+    assert [value(m, "pbx_agent_integration_breaker_transitions_total", integration="crm",
+                  to=s) for s in BREAKER_STATES] == [1.0, 1.0, 1.0]
+
+
+def test_an_unknown_breaker_state_is_logged_and_ignored(
+        caplog: pytest.LogCaptureFixture) -> None:
+    m = AgentMetrics("asterisk")
+    m.set_breaker("crm", "open")
+    with caplog.at_level(logging.WARNING, logger="agent.kpi.metrics"):
+        m.set_breaker("crm", "ajar")
+    assert "ajar" in caplog.text and "crm" in caplog.text
+    assert value(m, "pbx_agent_integration_breaker_state", integration="crm") == 2.0
+    assert value(m, "pbx_agent_integration_breaker_transitions_total", integration="crm",
+                 to="ajar") is None
+
+
+def test_flow_runs_by_flow_and_outcome(caplog: pytest.LogCaptureFixture) -> None:
+    m = AgentMetrics("asterisk")
+    m.declare_flows(["after-hours"])
+    for outcome in FLOW_OUTCOMES:
+        assert value(m, "pbx_agent_flow_runs_total", flow="after-hours", outcome=outcome) == 0.0
+    rec = CallRecord("c", "asterisk", flows=[FlowRun("booking", o) for o in FLOW_OUTCOMES])
+    rec.flows.append(FlowRun("booking", "completed"))
+    rec.flows.append(FlowRun("booking", "exploded"))
+    with caplog.at_level(logging.WARNING, logger="agent.kpi.metrics"):
+        m.call_ended(rec)
+    assert "exploded" in caplog.text and "booking" in caplog.text
+    assert value(m, "pbx_agent_flow_runs_total", flow="booking", outcome="completed") == 2.0
+    for outcome in FLOW_OUTCOMES[1:]:
+        assert value(m, "pbx_agent_flow_runs_total", flow="booking", outcome=outcome) == 1.0
+    assert value(m, "pbx_agent_flow_runs_total", flow="booking", outcome="exploded") is None
+    refused = CallRecord("r", "asterisk", outcome="refused")
+    m.call_ended(refused)  # no flows: nothing more
+    assert sum(v for _, v in samples_of(m)["pbx_agent_flow_runs_total"]) == 6.0
+
+
+def test_sidework_stats_are_read_at_scrape_time() -> None:
+    m = AgentMetrics("asterisk")
+    assert "pbx_agent_sidework_depth" not in exported_names(m)  # nothing attached
+    stats = QueueStats()
+    reads = []
+
+    def read() -> QueueStats:
+        reads.append(1)
+        return stats
+
+    m.attach_sidework(read)
+    assert reads == []  # nothing is read until a scrape
+    assert value(m, "pbx_agent_sidework_depth") == 3.0
+    for result in SIDEWORK_RESULTS:
+        assert value(m, "pbx_agent_sidework_jobs_total", result=result) == getattr(stats, result)
+    stats.depth, stats.delivered, stats.lost = 0, 44, 1
+    assert value(m, "pbx_agent_sidework_depth") == 0.0
+    assert value(m, "pbx_agent_sidework_jobs_total", result="delivered") == 44.0
+    assert value(m, "pbx_agent_sidework_jobs_total", result="lost") == 1.0
+    assert set(SIDEWORK_RESULTS) == {"dropped", "lost", "delivered", "failed", "restored"}
+
+
+def test_sidework_stats_as_a_mapping_and_a_broken_one(caplog: pytest.LogCaptureFixture) -> None:
+    m = AgentMetrics("asterisk")
+    m.admitted()
+    m.attach_sidework(lambda: {"depth": 7, "dropped": 0, "lost": 0, "delivered": 1,
+                               "failed": 0, "restored": 0})
+    assert value(m, "pbx_agent_sidework_depth") == 7.0
+    m.attach_sidework(lambda: object())  # replaces the first; has none of the attributes
+    with caplog.at_level(logging.WARNING, logger="agent.kpi.metrics"):
+        names = exported_names(m)
+    assert "sidework" in caplog.text
+    assert "pbx_agent_sidework_depth" not in names
+    assert "pbx_agent_sidework_jobs_total" not in names
+    assert "pbx_agent_admissions_total" in names
 
 
 def test_calls_total_counts_every_offered_call_once() -> None:
@@ -291,6 +512,7 @@ def test_events_from_many_threads_are_all_counted() -> None:
             m.admitted()
             m.call_ended(a_call(satisfaction=None))
             m.observe_llm_wait(0.1)
+            m.observe_integration("crm", True, 50.0)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     scraper = threading.Thread(target=lambda: [m.render() for _ in range(20)])
@@ -302,6 +524,9 @@ def test_events_from_many_threads_are_all_counted() -> None:
     assert value(m, "pbx_agent_calls_total", outcome="completed") == 1600.0
     assert value(m, "pbx_agent_response_latency_seconds_count", path="faq") == 1600.0
     assert value(m, "pbx_agent_llm_queue_wait_seconds_count") == 1600.0
+    assert value(m, "pbx_agent_integration_calls_total", integration="crm", result="ok") == 1600.0
+    assert value(m, "pbx_agent_integration_latency_seconds_count", integration="crm") == 1600.0
+    assert value(m, "pbx_agent_flow_runs_total", flow="booking", outcome="completed") == 1600.0
 
 
 def test_metrics_is_a_leaf() -> None:
@@ -428,10 +653,7 @@ def test_grafana_dashboard_uses_only_exported_metric_names() -> None:
     assert len(ids) == len(set(ids))
 
     m = AgentMetrics("asterisk")
-    Live().bind(m)
-    m.call_ended(a_call())
-    m.refused("capacity")
-    m.observe_llm_wait(0.1)
+    use_everything(m)
     exported = exported_names(m)
     referenced = {name for e in _exprs(dash) for name in re.findall(r"pbx_agent_[a-z0-9_]+", e)}
     assert len(referenced) >= 15

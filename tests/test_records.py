@@ -15,7 +15,15 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.kpi import records
-from agent.kpi.model import OUTCOMES, CallRecord, IntegrationCall, TurnKpi, classify_outcome
+from agent.kpi.model import (
+    FLOW_OUTCOMES,
+    OUTCOMES,
+    CallRecord,
+    FlowRun,
+    IntegrationCall,
+    TurnKpi,
+    classify_outcome,
+)
 from agent.kpi.records import (
     MASK_MODES,
     RecordStore,
@@ -58,8 +66,100 @@ def full_record() -> CallRecord:
         integrations=[
             IntegrationCall(name="crm-lookup", ok=True, latency_ms=45.5),
             IntegrationCall(name="webhook", ok=False, latency_ms=2000.0, timed_out=True,
-                            error="timeout after 2000 ms"),
+                            error="timeout after 2000 ms", attempts=2, breaker="half-open"),
+            IntegrationCall(name="webhook", ok=False, latency_ms=0.0, error="breaker-open",
+                            attempts=0, breaker="open"),
+        ],
+        flows=[
+            FlowRun(name="booking", outcome="fallback", steps=4, started_at=1_700_000_010.5,
+                    ended_at=1_700_000_040.25),
+            FlowRun(name="routing", outcome="completed", steps=2, started_at=1_700_000_041.0,
+                    ended_at=1_700_000_050.0),
         ])
+
+# The schema of the previous version (SCHEMA_VERSION 1), as it created its files.
+SCHEMA_V1 = """
+CREATE TABLE calls (
+    call_id TEXT PRIMARY KEY,
+    pbx TEXT NOT NULL,
+    pbx_call_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    did TEXT NOT NULL,
+    priority_class TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    answered_at REAL,
+    ended_at REAL NOT NULL,
+    duration_s REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    result TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    transfer_to TEXT NOT NULL,
+    shed_level TEXT NOT NULL,
+    satisfaction INTEGER,
+    barge_ins INTEGER NOT NULL,
+    turns INTEGER NOT NULL,
+    mean_response_ms REAL
+);
+CREATE INDEX calls_started_at ON calls(started_at);
+CREATE INDEX calls_outcome ON calls(outcome);
+CREATE TABLE turns (
+    call_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    caller_text TEXT NOT NULL,
+    reply_text TEXT NOT NULL,
+    response_ms REAL,
+    stt_ms REAL,
+    llm_first_token_ms REAL,
+    tts_first_audio_ms REAL,
+    barged_in INTEGER NOT NULL,
+    shed_level TEXT NOT NULL,
+    PRIMARY KEY (call_id, idx)
+);
+CREATE TABLE integrations (
+    call_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    ok INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    timed_out INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (call_id, seq)
+);
+PRAGMA user_version = 1;
+"""
+
+
+def old_file(db: str) -> CallRecord:
+    """A file as the previous version wrote it (WAL, schema 1), with one call; that call."""
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA_V1)
+        conn.execute("INSERT INTO calls VALUES ('old', 'asterisk', 'u1', '****0177', '100', '', "
+                     "1000.0, 1000.5, 1030.0, 30.0, 'completed', 'DONE', 'caller-goodbye', '', "
+                     "'normal', 4, 0, 1, 700.0)")
+        conn.execute("INSERT INTO turns VALUES ('old', 0, 'faq', 'hi', 'hello', 700.0, 200.0, "
+                     "NULL, 0.0, 0, 'normal')")
+        conn.execute("INSERT INTO integrations VALUES ('old', 0, 'crm', 1, 80.0, 0, '')")
+        conn.execute("INSERT INTO integrations VALUES ('old', 1, 'crm', 0, 2000.0, 1, 'timeout')")
+    finally:
+        conn.close()
+    return CallRecord(
+        call_id="old", pbx="asterisk", pbx_call_id="u1", caller="****0177", did="100",
+        started_at=1000.0, answered_at=1000.5, ended_at=1030.0, outcome="completed",
+        result="DONE", reason="caller-goodbye", satisfaction=4,
+        turns=[TurnKpi(index=0, path="faq", caller_text="hi", reply_text="hello",
+                       response_ms=700.0, stt_ms=200.0, tts_first_audio_ms=0.0)],
+        integrations=[IntegrationCall("crm", ok=True, latency_ms=80.0),
+                      IntegrationCall("crm", ok=False, latency_ms=2000.0, timed_out=True,
+                                      error="timeout")])
+
+
+def columns(db: str, table: str) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
 
 
 @pytest.fixture
@@ -146,6 +246,36 @@ def test_round_trip_keeps_every_field_and_none(db: str) -> None:
     assert row == (95.5, 3, 612.5, None)
 
 
+def test_flows_and_integration_fields_round_trip(db: str) -> None:
+    rec = full_record()
+    write(db, rec)
+    (back,) = read_records(db)
+    assert back.flows == rec.flows
+    assert [f.outcome for f in back.flows] == ["fallback", "completed"]  # in run order
+    assert [(i.attempts, i.breaker, i.error) for i in back.integrations] == [
+        (1, "closed", ""), (2, "half-open", "timeout after 2000 ms"), (0, "open", "breaker-open")]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT call_id, seq, name, outcome, steps FROM flows "
+                            "ORDER BY seq").fetchall()
+    assert rows == [("c0ffee", 0, "booking", "fallback", 4), ("c0ffee", 1, "routing",
+                                                              "completed", 2)]
+
+
+def test_every_flow_outcome_round_trips(db: str) -> None:
+    rec = make_record("f")
+    rec.flows = [FlowRun(name=f"flow-{o}", outcome=o, steps=n) for n, o in enumerate(FLOW_OUTCOMES)]
+    write(db, rec)
+    assert read_records(db)[0].flows == rec.flows
+
+
+def test_old_constructors_still_work() -> None:
+    call = IntegrationCall("crm", True, 12.0)
+    assert (call.timed_out, call.error, call.attempts, call.breaker) == (False, "", 1, "closed")
+    assert CallRecord("x", "asterisk").flows == []
+    run = FlowRun("booking", "completed")
+    assert (run.steps, run.started_at, run.ended_at) == (0, 0.0, 0.0)
+
+
 def test_refused_call_round_trip(db: str) -> None:
     rec = CallRecord(call_id="r1", pbx="asterisk", started_at=10.0, ended_at=10.0,
                      outcome="refused", result="BUSY", reason="shed:cpu",
@@ -192,9 +322,11 @@ def test_since_until_filter_on_started_at(db: str) -> None:
 def test_filtered_read_keeps_turns_of_the_selected_calls_only(db: str) -> None:
     early, late = full_record(), full_record()
     late.call_id, late.started_at, late.turns = "late", early.started_at + 3600, late.turns[:1]
+    late.flows = late.flows[1:]
     write(db, early, late)
     (only,) = read_records(db, since=late.started_at)
     assert only == late
+    assert [f.name for f in only.flows] == ["routing"]
 
 
 def test_rewrite_of_same_call_id_replaces_it(store: RecordStore, db: str) -> None:
@@ -202,6 +334,7 @@ def test_rewrite_of_same_call_id_replaces_it(store: RecordStore, db: str) -> Non
     second = full_record()
     second.outcome, second.result, second.reason = "abandoned", "DONE", "caller-hangup"
     second.turns, second.integrations = second.turns[:1], []
+    second.flows = [FlowRun(name="after-hours", outcome="abandoned", steps=1)]
     assert store.submit(first)
     assert store.flush()
     assert store.submit(first)  # a retried write of the same record
@@ -212,6 +345,19 @@ def test_rewrite_of_same_call_id_replaces_it(store: RecordStore, db: str) -> Non
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM turns").fetchone() == (1,)
         assert conn.execute("SELECT COUNT(*) FROM integrations").fetchone() == (0,)
+        assert conn.execute("SELECT name FROM flows").fetchall() == [("after-hours",)]
+
+
+def test_rewrite_without_flows_removes_the_stored_ones(store: RecordStore, db: str) -> None:
+    rec = full_record()
+    assert store.submit(rec)
+    assert store.flush()
+    rec.flows = []
+    assert store.submit(rec)
+    assert store.flush()
+    assert read_records(db)[0].flows == []
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM flows").fetchone() == (0,)
 
 
 # -- the file ----------------------------------------------------------------------------------
@@ -221,9 +367,73 @@ def test_schema_wal_and_version(store: RecordStore, db: str) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("PRAGMA user_version").fetchone() == (records.SCHEMA_VERSION,)
-        assert records.SCHEMA_VERSION == 1
+        assert records.SCHEMA_VERSION == 2
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"calls", "turns", "integrations", "calls_started_at", "calls_outcome"} <= names
+    assert {"calls", "turns", "integrations", "flows", "calls_started_at",
+            "calls_outcome"} <= names
+    assert columns(db, "integrations")[-2:] == ["attempts", "breaker"]
+    assert columns(db, "flows") == ["call_id", "seq", "name", "outcome", "steps", "started_at",
+                                    "ended_at"]
+
+
+# -- upgrading a file of the previous version ----------------------------------------------------
+
+
+def test_old_file_is_upgraded_on_open_and_keeps_its_records(db: str) -> None:
+    old = old_file(db)
+    assert "attempts" not in columns(db, "integrations") and columns(db, "flows") == []
+    new = full_record()
+    write(db, new)  # opens (and upgrades) the old file, then writes a new call
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (records.SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        # the old rows got the defaults that describe them: one attempt, breaker closed
+        assert conn.execute("SELECT seq, attempts, breaker FROM integrations "
+                            "WHERE call_id = 'old' ORDER BY seq").fetchall() == [
+            (0, 1, "closed"), (1, 1, "closed")]
+    assert columns(db, "integrations")[-2:] == ["attempts", "breaker"]
+    assert "steps" in columns(db, "flows")
+    assert read_records(db) == [old, new]
+    assert count_records(db) == 2
+
+
+def test_upgrading_twice_changes_nothing(db: str) -> None:
+    old = old_file(db)
+    write(db)
+    before = columns(db, "integrations")
+    write(db)
+    assert columns(db, "integrations") == before
+    assert read_records(db) == [old]
+
+
+def test_upgrade_adds_only_the_missing_column(db: str) -> None:
+    old = old_file(db)  # as if an upgrade had added one column and not the other
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE integrations ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+        conn.execute("UPDATE integrations SET attempts = 3 WHERE seq = 1")
+    write(db)
+    assert columns(db, "integrations").count("attempts") == 1
+    old.integrations[1].attempts = 3
+    assert read_records(db) == [old]
+
+
+def test_replacing_an_old_record_after_the_upgrade(db: str) -> None:
+    old = old_file(db)
+    old.flows = [FlowRun(name="booking", outcome="completed", steps=3)]
+    old.integrations = old.integrations[:1]
+    write(db, old)
+    assert read_records(db) == [old]
+
+
+def test_old_file_is_read_as_is_without_writing(db: str) -> None:
+    old = old_file(db)
+    with sqlite3.connect(db) as conn:  # checkpointed and closed, as a stopped old agent leaves it
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = Path(db).read_bytes()
+    assert read_records(db) == [old]  # defaults filled in, no flows
+    assert count_records(db) == 1
+    assert Path(db).read_bytes() == before
+    assert "attempts" not in columns(db, "integrations")
 
 
 def test_reopening_an_existing_file_keeps_its_records(db: str) -> None:
@@ -360,6 +570,18 @@ def test_failed_write_leaves_no_partial_call(store: RecordStore, db: str) -> Non
         assert conn.execute("SELECT COUNT(*) FROM turns").fetchone() == (0,)
 
 
+def test_failed_flow_write_leaves_no_partial_call(store: RecordStore, db: str) -> None:
+    bad = full_record()
+    bad.flows.append(FlowRun(name=None, outcome="failed"))  # type: ignore[arg-type]
+    assert store.submit(bad)  # NOT NULL fails on the last insert of the transaction
+    assert store.flush()
+    assert store.write_errors == 1 and store.written == 0
+    assert read_records(db) == []
+    with sqlite3.connect(db) as conn:
+        for table in ("calls", "turns", "integrations", "flows"):
+            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,), table
+
+
 # -- errors the operator sees ------------------------------------------------------------------
 
 
@@ -418,7 +640,7 @@ def test_a_file_that_is_not_sqlite_is_a_config_error(tmp_path: Path) -> None:
 def test_a_newer_schema_is_refused(db: str) -> None:
     write(db, make_record("a"))
     with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute(f"PRAGMA user_version = {records.SCHEMA_VERSION + 1}")
     with pytest.raises(ConfigError, match="newer pbx-agent"):
         RecordStore(db).start()
     with pytest.raises(ValueError, match="newer pbx-agent"):

@@ -26,17 +26,28 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 from agent.audio import FRAME_MS, frame_bytes
 from agent.call.playback import Playback
 from agent.call.turn import TurnDetector, TurnEvent
 from agent.config import Config
-from agent.dialog.policy import AskLlm, DialogPolicy, Hangup, SayFixed, Transfer
+from agent.dialog.flows import (
+    CallAnswer,
+    FlowAborted,
+    FlowResult,
+    FlowRunner,
+    Heard,
+)
+from agent.dialog.policy import AskLlm, DialogPolicy, Hangup, SayFixed, StartFlow, Transfer
 from agent.engine.bundle import EngineBundle
 from agent.engine.llm import LlmRequest
 from agent.engine.stt import SttResult
 from agent.engine.text import SentenceChunker
 from agent.engine.vad import FrameVad
+from agent.flowconf import AskStep, FlowConfig
 from agent.kpi.cpu import pool_initializer
 
 _LOGGER = logging.getLogger(__name__)
@@ -48,6 +59,8 @@ _STOP = object()
 _LLM_END = object()
 SATISFACTION_PROMPT = "Before you go, please rate this call from 1 to 5 on your keypad."
 SATISFACTION_THANKS = "Thank you for your rating. Goodbye."
+#: keypad entry ends this long after the last key (audio time) when no # is pressed
+DTMF_INTERDIGIT_MS = 3000
 # the naive baseline (config `naive`): every call's LLM request runs behind this one lock
 _NAIVE_LLM_LOCK = threading.Lock()
 _NAIVE_POOL: ThreadPoolExecutor | None = None
@@ -102,6 +115,32 @@ class CallOutcome:
     max_send_gap_ms: float = 0.0
     #: post-call DTMF rating 1-5 (kpi.satisfaction), None when not asked or not given
     satisfaction: int | None = None
+    #: the flows run during the call
+    flows: list[FlowRecord] = field(default_factory=list)
+    #: every integration call made on the call path (webhook outcomes, as returned)
+    integrations: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class FlowRecord:
+    """One flow run in a call: its KPI outcome, and the slots it collected."""
+
+    name: str
+    outcome: str
+    steps: int
+    started_at: float
+    ended_at: float
+    slots: dict[str, str] = field(default_factory=dict)
+
+
+class FlowServices(Protocol):
+    """The integrations a flow may use (built once per process by the runtime)."""
+
+    def call(self, name: str, payload: dict[str, Any]) -> Any:
+        """Call a webhook; the answer has ok, data, error (never raises)."""
+
+    def background(self, name: str, payload: dict[str, Any]) -> None:
+        """Queue side work (never blocks)."""
 
 
 @dataclass
@@ -109,6 +148,16 @@ class _Utterance:
     text: str
     stt_ms: float
     endpoint_at: float
+    dtmf: str = ""
+
+
+class _DtmfEntry:
+    """Keypad digits being collected for a flow question: ends on #, length or a pause."""
+
+    def __init__(self, max_digits: int) -> None:
+        self.max_digits = max_digits
+        self.digits = ""
+        self.frames_since_key = 0
 
 
 class _Interrupted(Exception):
@@ -122,8 +171,18 @@ class CallSession:
                  rate_hz: int, stt_pool: Executor, tts_pool: Executor,
                  clock: Callable[[], float] = time.monotonic,
                  shed_level: Callable[[], str] = lambda: "normal",
-                 on_latency: Callable[[float], None] | None = None) -> None:
+                 on_latency: Callable[[float], None] | None = None,
+                 services: FlowServices | None = None,
+                 call_info: dict[str, str] | None = None,
+                 wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.call_id = call_id
+        #: integrations for flows (None: every integration call fails → the flow's fallback)
+        self.services = services
+        #: caller_id, did, call_id: the built-in variables of flows
+        self.call_info = dict(call_info or {})
+        #: the wall clock for business hours (injected in tests)
+        self.wall_clock = wall_clock
+        self._dtmf_entry: _DtmfEntry | None = None
         #: the load-shedding level now (normal, brief, canned, reject-new), read at every turn
         self.shed_level = shed_level
         #: gets each turn's response latency (ms), e.g. the shedding rules' p95 window
@@ -235,8 +294,29 @@ class CallSession:
         if rating is not None:
             rating.put(digit)
             return
+        entry = self._dtmf_entry
+        if entry is not None:
+            self._frames_since_agent = 0
+            entry.frames_since_key = 0
+            if not entry.digits:
+                self.playback.clear()  # a key press cuts the prompt, as in any IVR
+            if digit == "#":
+                self._end_dtmf_entry()
+            elif digit == "*":
+                entry.digits = ""
+            else:
+                entry.digits += digit
+                if len(entry.digits) >= entry.max_digits:
+                    self._end_dtmf_entry()
+            return
         if digit == "0":
             self._end(CallResult.TRANSFER, "dtmf-0", self.default_target())
+
+    def _end_dtmf_entry(self) -> None:
+        entry = self._dtmf_entry
+        if entry is not None and entry.digits:
+            self._dtmf_entry = None
+            self._utt_q.put(_Utterance("", 0.0, self.clock(), dtmf=entry.digits))
 
     def on_hangup(self) -> None:
         """The caller hung up (media leg closed)."""
@@ -290,6 +370,11 @@ class CallSession:
         else:
             self._preroll.append(frame)
         self._tick_no_input(speaking or in_speech)
+        entry = self._dtmf_entry
+        if entry is not None and entry.digits:
+            entry.frames_since_key += 1
+            if entry.frames_since_key * FRAME_MS >= DTMF_INTERDIGIT_MS:
+                self._end_dtmf_entry()
 
     def _tick_no_input(self, busy: bool) -> None:
         if busy or not self._utt_q.empty():
@@ -382,8 +467,15 @@ class CallSession:
     def _dialog_loop(self) -> None:
         """Greet, then answer each utterance; ends the call on goodbye, transfer or silence."""
         agent = self.config.agent
-        self.policy.note_reply(agent.greeting)
-        self._say_fixed(agent.greeting, self._next_reply_id())
+        after_hours = next((f for f in agent.flows if f.start == "after-hours"), None)
+        if after_hours is not None and not self.config.hours.is_open(self.wall_clock()):
+            record = TurnRecord(caller_text="", reply_text="", path="flow")
+            self.outcome.turns.append(record)
+            if not self._run_flow(after_hours, self._next_reply_id(), record, None):
+                return
+        else:
+            self.policy.note_reply(agent.greeting)
+            self._say_fixed(agent.greeting, self._next_reply_id())
         no_input = 0
         max_call_s = self.config.turn.max_call_s
         while not self._done.is_set():
@@ -397,6 +489,8 @@ class CallSession:
             if utt is None:
                 return
             self._interrupt.clear()
+            if utt.dtmf:
+                continue  # keypad entry outside a flow question (0 is handled in on_dtmf)
             if not utt.text:
                 no_input += 1
                 if no_input > self.config.turn.max_no_input_prompts:
@@ -424,6 +518,12 @@ class CallSession:
         self._pending_latency[reply_id] = (record, utt.endpoint_at)
         level = self.shed_level()
         record.shed_level = level
+        if isinstance(decision, StartFlow):
+            flow = self.config.agent.flow(decision.name)
+            if flow is not None:
+                self._run_flow(flow, reply_id, record, utt)
+                self._history.append((utt.text, record.reply_text))
+                return
         if isinstance(decision, AskLlm) and level in ("canned", "reject-new"):
             # shedding: no LLM; offer a person (a "yes" transfers, as for any fallback)
             record.path = "canned"
@@ -453,6 +553,43 @@ class CallSession:
             else:
                 self._say_fixed(decision.text, reply_id, record)
         self._history.append((utt.text, record.reply_text))
+
+    def _run_flow(self, flow: FlowConfig, reply_id: int, record: TurnRecord,
+                  utt: _Utterance | None) -> bool:
+        """Run a flow in this dialog thread; False when it ended the call."""
+        record.path = "flow"
+        io = _SessionFlowIO(self, reply_id, record)
+        builtins: dict[str, Any] = {"agent": self.config.agent.name, "now": io.now().isoformat(
+            timespec="minutes")}
+        for key in ("caller_id", "did", "call_id"):
+            builtins[key] = self.call_info.get(key, "")
+        started = time.time()
+        runner = FlowRunner(flow, io, tuple(self.config.transfers), builtins=builtins)
+        result = runner.run()
+        slots = {name: getattr(value, "value", "") for name, value in runner.vars.items()
+                 if hasattr(value, "spoken") and not name.startswith("_")}
+        self.outcome.flows.append(FlowRecord(flow.name, result.outcome, result.steps, started,
+                                             time.time(), slots))
+        record.reply_text = record.reply_text or io.last_text
+        if result.action == "continue":
+            self.policy.note_reply(io.last_text)
+            return not self._done.is_set()
+        if self._done.is_set():
+            return False
+        agent = self.config.agent
+        last_id = io.reply_id_for_next()
+        last_record = io.record_for_next()
+        if result.action == "transfer":
+            target = self.config.transfers.get(result.target) if result.target else None
+            reason = f"flow:{flow.name}" if result.outcome in ("completed", "fallback",
+                                                                "escalated") \
+                else f"flow-{result.outcome}:{flow.name}"
+            self._finish_with(result.text or agent.transfer_reply, CallResult.TRANSFER, reason,
+                              target or self.default_target(), last_id, last_record)
+        else:
+            self._finish_with(result.text or agent.goodbye, CallResult.DONE,
+                              f"flow:{flow.name}", reply_id=last_id, record=last_record)
+        return False
 
     def _answer_llm(self, decision: AskLlm, record: TurnRecord, reply_id: int,
                     brief: bool = False) -> None:
@@ -640,6 +777,129 @@ class CallSession:
                 _LOGGER.exception("call %s: done callback failed", self.call_id)
 
 
+class _SessionFlowIO:
+    """A flow's view of the call: speech out, speech or keypad in, integrations, the clock.
+
+    Keeps the turn accounting: each answer the caller gives starts a new flow turn, whose
+    response latency runs to the first audio of what the flow says next.
+    """
+
+    def __init__(self, session: CallSession, reply_id: int, record: TurnRecord) -> None:
+        self.s = session
+        self.reply_id = reply_id
+        self.record: TurnRecord | None = record
+        self.t0 = time.perf_counter()
+        self.last_text = ""
+        self._tz = ZoneInfo(session.config.hours.timezone)
+
+    def reply_id_for_next(self) -> int:
+        """The reply id the next words belong to (the current turn's, if nothing said yet)."""
+        if self.record is not None and not self.record.reply_text:
+            return self.reply_id
+        return self.s._next_reply_id()
+
+    def record_for_next(self) -> TurnRecord | None:
+        """The turn the next words answer, if it has not been answered yet."""
+        if self.record is not None and not self.record.reply_text:
+            return self.record
+        return None
+
+    def say(self, text: str) -> None:
+        """Speak now (cached audio for fixed texts); a barge-in cuts it, the flow goes on."""
+        if not text:
+            return
+        s = self.s
+        if s._done.is_set():
+            raise FlowAborted()
+        record = self.record
+        try:
+            if s.engines.phrases.get(text) is not None:
+                s._say_fixed(text, self.reply_id, record)
+            else:
+                audio = s._synthesize(text)
+                s._check_interrupt()
+                if record is not None and record.tts_first_audio_ms is None:
+                    record.tts_first_audio_ms = (time.perf_counter() - self.t0) * 1000.0
+                s.playback.enqueue(audio, self.reply_id)
+        except _Interrupted:
+            if s._done.is_set():
+                raise FlowAborted() from None
+            s._interrupt.clear()  # the caller spoke over the prompt: their words come next
+        if record is not None:
+            record.reply_text = f"{record.reply_text} {text}".strip()
+        self.last_text = text
+        s.policy.note_reply(text)
+
+    def listen(self, ask: AskStep) -> Heard | None:
+        """Wait for the caller's answer: words, keypad digits, or nothing (no-input timer)."""
+        s = self.s
+        if ask.dtmf:
+            digits = ask.max_digits if ask.type in ("phone", "digits") else 1
+            s._dtmf_entry = _DtmfEntry(digits)
+        try:
+            while not s._done.is_set():
+                if s.clock() - s._started_at > s.config.turn.max_call_s:
+                    s.abort("max-call-duration", CallResult.TRANSFER)
+                    return None
+                try:
+                    utt = s._utt_q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if utt is None:
+                    return None
+                s._interrupt.clear()
+                self._new_turn(utt)
+                return Heard(text=utt.text, dtmf=utt.dtmf)
+            return None
+        finally:
+            s._dtmf_entry = None
+
+    def _new_turn(self, utt: _Utterance) -> None:
+        s = self.s
+        self.reply_id = s._next_reply_id()
+        self.t0 = time.perf_counter()
+        caller = utt.text or (f"[keypad {len(utt.dtmf)} digits]" if utt.dtmf else "")
+        record = TurnRecord(caller_text=caller, reply_text="", path="flow", stt_ms=utt.stt_ms,
+                            shed_level=s.shed_level())
+        s.outcome.turns.append(record)
+        self.record = record
+        if utt.text:  # a spoken answer: its response latency is measured like any turn's
+            s._pending_latency[self.reply_id] = (record, utt.endpoint_at)
+
+    def call(self, integration: str, payload: dict[str, Any]) -> CallAnswer:
+        """Call a webhook on the call path (bounded by its timeout and breaker)."""
+        services = self.s.services
+        if services is None:
+            return CallAnswer(False, error="no-integrations")
+        outcome = services.call(integration, payload)
+        self.s.outcome.integrations.append(outcome)
+        return CallAnswer(bool(outcome.ok), outcome.data, str(outcome.error))
+
+    def background(self, integration: str, payload: dict[str, Any]) -> None:
+        """Send work off the call path."""
+        services = self.s.services
+        if services is None:
+            _LOGGER.warning("call %s: side work for %s dropped: no integrations",
+                            self.s.call_id, integration)
+            return
+        services.background(integration, payload)
+
+    def escape(self, text: str) -> FlowResult | None:
+        """A person or a goodbye asked for mid-flow leaves the flow."""
+        decision = self.s.policy.escape(text)
+        if isinstance(decision, Transfer):
+            return FlowResult("escalated", action="transfer", target=decision.target_name,
+                              text=decision.text, detail=f"caller asked for {decision.target_name}")
+        if isinstance(decision, Hangup):
+            return FlowResult("escalated", action="end", text=decision.text,
+                              detail="caller said goodbye")
+        return None
+
+    def now(self) -> datetime:
+        """The wall clock in the business's timezone."""
+        return self.s.wall_clock().astimezone(self._tz)
+
+
 def _path_of(decision: object) -> str:
     """The KPI name of a decision's path: faq, llm, transfer or goodbye."""
     if isinstance(decision, AskLlm):
@@ -648,5 +908,7 @@ def _path_of(decision: object) -> str:
         return "transfer"
     if isinstance(decision, Hangup):
         return "goodbye"
+    if isinstance(decision, StartFlow):
+        return "flow"
     return "faq"
 

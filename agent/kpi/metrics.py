@@ -3,12 +3,14 @@
 Each :class:`AgentMetrics` owns its own ``CollectorRegistry`` (never the global one), so a test
 or a process may build as many as it likes. Events (:meth:`AgentMetrics.admitted`,
 :meth:`~AgentMetrics.refused`, :meth:`~AgentMetrics.call_ended`,
-:meth:`~AgentMetrics.observe_llm_wait`) update prometheus_client counters and histograms,
+:meth:`~AgentMetrics.observe_llm_wait`, :meth:`~AgentMetrics.observe_integration`,
+:meth:`~AgentMetrics.set_breaker`) update prometheus_client counters, gauges and histograms,
 which take one short lock each: safe from any thread, and from a greenlet of an unpatched gevent
 process (the locks are held for a few instructions, so a greenlet never waits on one).
 
 Live values (active calls, capacity, shedding level, queue depths, CPU, records) are read by
-zero-arg callbacks given to :meth:`AgentMetrics.bind`, called only when the endpoint is scraped,
+zero-arg callbacks given to :meth:`AgentMetrics.bind` (and the side-work queue's statistics given
+to :meth:`AgentMetrics.attach_sidework`), called only when the endpoint is scraped,
 in the HTTP server's thread: they must be cheap and safe to call from a foreign thread. A
 callback that raises is logged (at most once a minute per callback) and its metric is left out
 of that scrape; the rest of the scrape is served.
@@ -19,6 +21,15 @@ once. A refused call is counted by :meth:`AgentMetrics.refused` (``refusals_tota
 other call and skips ``calls_total`` for a record whose outcome is ``refused`` (the runtime hands
 refused records to it as well). So ``sum(calls_total) == admissions_total + refusals_total``
 once the admitted calls have ended.
+
+Counting rule for integrations: each call to an external system is counted once, live, by
+:meth:`AgentMetrics.observe_integration` (the webhook client calls it as each call finishes,
+so the dashboard sees a failing system while calls are still in progress).
+:meth:`AgentMetrics.call_ended` does **not** count ``record.integrations`` (that would count
+every call twice); it counts the record's flow runs (``flow_runs_total``). A call the breaker
+refused is counted in ``integration_calls_total{result="breaker-open"}`` but not observed in
+the latency histogram (nothing was sent, so there is no latency to speak of). Breaker states
+come from :meth:`AgentMetrics.set_breaker`, which the breaker's ``on_change`` hook calls.
 
 The status side (:func:`fetch_metrics`, :func:`snapshot_from_metrics`, :func:`format_status`)
 lets ``pbx-agent status`` use the metrics endpoint as its only control channel.
@@ -32,17 +43,31 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.kpi.model import OUTCOMES, SHED_LEVELS, CallRecord
+from agent.kpi.model import (
+    BREAKER_OPEN_ERROR,
+    BREAKER_STATES,
+    FLOW_OUTCOMES,
+    OUTCOMES,
+    SHED_LEVELS,
+    CallRecord,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +81,12 @@ STAGES = ("stt", "llm_first_token", "tts_first_audio")
 CAPACITY_TERMS = ("effective", "pbx", "config", "engine")
 QUEUE_ENGINES = ("llm", "stt", "tts")
 RATINGS = (1, 2, 3, 4, 5)
-INTEGRATION_RESULTS = ("ok", "error", "timeout")
+INTEGRATION_RESULTS = ("ok", "error", "timeout", "breaker-open")
+"""``result`` of ``integration_calls_total``; ``breaker-open``: refused without being sent."""
+INTEGRATION_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+"""Webhook latencies: a live call's integration timeout is typically 1-3 s."""
+SIDEWORK_RESULTS = ("delivered", "failed", "dropped", "lost", "restored")
+"""``result`` of ``sidework_jobs_total``: each is read from the stats attribute of that name."""
 _LOG_EVERY_S = 60.0
 
 
@@ -100,6 +130,27 @@ class AgentMetrics:
             buckets=LLM_WAIT_BUCKETS_S, registry=reg)
         self.satisfaction = Counter("pbx_agent_satisfaction", "Post-call ratings (1-5).",
                                     ["rating"], registry=reg)
+        self.integration_latency = Histogram(
+            "pbx_agent_integration_latency_seconds",
+            "Latency of calls to external systems, retries included (breaker refusals left out).",
+            ["integration"], buckets=INTEGRATION_BUCKETS_S, registry=reg)
+        self.breaker_state = Gauge(
+            "pbx_agent_integration_breaker_state",
+            "Circuit breaker state per integration: 0 closed, 1 half-open, 2 open.",
+            ["integration"], registry=reg)
+        self.breaker_transitions = Counter(
+            "pbx_agent_integration_breaker_transitions",
+            "Circuit breaker state changes, by the state entered.", ["integration", "to"],
+            registry=reg)
+        self.flow_runs = Counter(
+            "pbx_agent_flow_runs", "Call flow runs, by flow and outcome.", ["flow", "outcome"],
+            registry=reg)
+        self._breakers: dict[str, str] = {}
+        """Last state given to set_breaker, by integration (under _lock)."""
+        self._integrations: set[str] = set()
+        """Integrations whose series are declared (under _lock)."""
+        self._flows: set[str] = set()
+        """Flows whose series are declared (under _lock)."""
         # every label a dashboard plots is there from the first scrape, at 0
         for outcome in OUTCOMES:
             self.calls.labels(outcome=outcome)
@@ -127,6 +178,18 @@ class AgentMetrics:
         with self._lock:
             self._callbacks.update({k: v for k, v in given.items() if v is not None})
 
+    def attach_sidework(self, stats: Callable[[], Any]) -> None:
+        """Read the side-work queue's statistics at scrape time (replacing an earlier one).
+
+        ``stats()`` returns an object (or a mapping) with int ``depth`` (jobs waiting) and the
+        monotonic totals ``delivered``, ``failed``, ``dropped``, ``lost`` and ``restored``
+        (see :data:`SIDEWORK_RESULTS`), exported as ``pbx_agent_sidework_depth`` and
+        ``pbx_agent_sidework_jobs_total{result}``. Like a :meth:`bind` callback, it must be
+        cheap and thread-safe; if it raises, both families are left out of that scrape.
+        """
+        with self._lock:
+            self._callbacks["sidework"] = stats
+
     def _bound(self) -> dict[str, Callable[[], Any]]:
         with self._lock:
             return dict(self._callbacks)
@@ -153,7 +216,10 @@ class AgentMetrics:
         self.calls.labels(outcome="refused").inc()
 
     def call_ended(self, record: CallRecord) -> None:
-        """A call's record is final: its outcome (unless refused), turns, integrations, rating."""
+        """A call's record is final: its outcome (unless refused), turns, flow runs, rating.
+
+        Its integrations are not counted here: :meth:`observe_integration` counted each one live.
+        """
         if record.outcome != "refused":
             if record.outcome in OUTCOMES:
                 self.calls.labels(outcome=record.outcome).inc()
@@ -168,17 +234,86 @@ class AgentMetrics:
                               ("tts_first_audio", turn.tts_first_audio_ms)):
                 if ms is not None:
                     self.stage_latency.labels(stage=stage).observe(_seconds(ms))
-        for call in record.integrations:
-            result = "timeout" if call.timed_out else ("ok" if call.ok else "error")
-            self.integration_calls.labels(integration=call.name, result=result).inc()
-            if call.timed_out:
-                self.integration_timeouts.labels(integration=call.name).inc()
+        for flow in record.flows:
+            if flow.outcome in FLOW_OUTCOMES:
+                self.declare_flows((flow.name,))
+                self.flow_runs.labels(flow=flow.name, outcome=flow.outcome).inc()
+            else:
+                self._warn(f"flow-outcome:{flow.outcome}",
+                           "kpi.metrics: call %s: flow %s: unknown outcome %r not counted",
+                           record.call_id, flow.name, flow.outcome)
         if record.satisfaction in RATINGS:
             self.satisfaction.labels(rating=str(record.satisfaction)).inc()
 
     def observe_llm_wait(self, seconds: float) -> None:
         """An LLM request's wait in the engine queue."""
         self.llm_queue_wait.observe(max(0.0, seconds))
+
+    def observe_integration(self, name: str, ok: bool, latency_ms: float,
+                            timed_out: bool = False, error: str = "") -> None:
+        """One call to an external system has finished: count it (once) and its latency.
+
+        Called live by the webhook client, once per call (retries included in the one call).
+        The result is ``timeout`` when ``timed_out``, else ``ok`` when ``ok``, else
+        ``breaker-open`` when ``error == "breaker-open"`` (refused, never sent: not observed in
+        the latency histogram), else ``error``.
+        """
+        result = integration_result(ok, timed_out, error)
+        self._declare_integration(name)
+        self.integration_calls.labels(integration=name, result=result).inc()
+        if timed_out:
+            self.integration_timeouts.labels(integration=name).inc()
+        if result != BREAKER_OPEN_ERROR:
+            self.integration_latency.labels(integration=name).observe(_seconds(latency_ms))
+
+    def set_breaker(self, name: str, state: str) -> None:
+        """The breaker of integration ``name`` is now in ``state`` (closed, half-open, open).
+
+        Sets the state gauge, and counts a transition when the state differs from the last one
+        given (a breaker starts closed, so a first ``closed`` is no transition). Call it with
+        ``closed`` when the client is built, so the integration's series exist from the first
+        scrape, and from the breaker's ``on_change(name, old, new)`` hook. An unknown state is
+        logged and ignored. Never calls back into the breaker, so it is safe under its lock.
+        """
+        if state not in BREAKER_STATES:
+            self._warn(f"breaker-state:{state}", "kpi.metrics: integration %s: unknown breaker "
+                       "state %r ignored", name, state)
+            return
+        self._declare_integration(name)
+        with self._lock:  # one writer at a time, so the gauge ends on the latest state
+            old = self._breakers.get(name, BREAKER_STATES[0])
+            self._breakers[name] = state
+            self.breaker_state.labels(integration=name).set(BREAKER_STATES.index(state))
+            if state != old:
+                self.breaker_transitions.labels(integration=name, to=state).inc()
+
+    def declare_flows(self, names: Iterable[str]) -> None:
+        """Export ``flow_runs_total`` of these flows at 0 for every outcome (idempotent).
+
+        Optional: a flow is declared on its first run anyway, but declaring the configured flows
+        at start lets ``rate()`` see their first runs too.
+        """
+        for name in names:
+            with self._lock:
+                if name in self._flows:
+                    continue
+                self._flows.add(name)
+            for outcome in FLOW_OUTCOMES:
+                self.flow_runs.labels(flow=name, outcome=outcome)
+
+    def _declare_integration(self, name: str) -> None:
+        """Export every series of integration ``name`` (at 0) the first time it is seen."""
+        with self._lock:
+            if name in self._integrations:
+                return
+            self._integrations.add(name)
+        for result in INTEGRATION_RESULTS:
+            self.integration_calls.labels(integration=name, result=result)
+        self.integration_timeouts.labels(integration=name)
+        self.integration_latency.labels(integration=name)
+        self.breaker_state.labels(integration=name)
+        for state in BREAKER_STATES:
+            self.breaker_transitions.labels(integration=name, to=state)
 
     # -- exposition --------------------------------------------------------------------------
 
@@ -235,6 +370,8 @@ class _CallbackCollector:
             CounterMetricFamily("pbx_agent_engine_cpu_seconds", "", labels=["stage"]),
             CounterMetricFamily("pbx_agent_records_written", ""),
             CounterMetricFamily("pbx_agent_records_dropped", ""),
+            GaugeMetricFamily("pbx_agent_sidework_depth", ""),
+            CounterMetricFamily("pbx_agent_sidework_jobs", "", labels=["result"]),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -313,6 +450,23 @@ def _records(counts: tuple[int, int]) -> list[Metric]:
                                 value=float(dropped))]
 
 
+def _sidework(stats: Any) -> list[Metric]:
+    def read(name: str) -> float:
+        raw = stats[name] if isinstance(stats, Mapping) else getattr(stats, name)
+        return float(int(raw))
+
+    depth = GaugeMetricFamily("pbx_agent_sidework_depth",
+                              "Side-work jobs waiting to be delivered.", value=read("depth"))
+    jobs = CounterMetricFamily(
+        "pbx_agent_sidework_jobs",
+        "Side-work jobs since start: delivered; failed (attempts exhausted); dropped (queue "
+        "full); lost (never delivered, otherwise); restored (reloaded from disk at start).",
+        labels=["result"])
+    for result in SIDEWORK_RESULTS:
+        jobs.add_metric([result], read(result))
+    return [depth, jobs]
+
+
 _FAMILIES: dict[str, Callable[[Any], list[Metric]]] = {
     "active": _gauge("pbx_agent_active_calls", "Calls in progress (answered)."),
     "starting": _gauge("pbx_agent_starting_calls", "Calls admitted but not yet answered."),
@@ -322,7 +476,17 @@ _FAMILIES: dict[str, Callable[[Any], list[Metric]]] = {
     "latency_p95_s": _p95,
     "cpu_seconds": _cpu,
     "records": _records,
+    "sidework": _sidework,
 }
+
+
+def integration_result(ok: bool, timed_out: bool, error: str) -> str:
+    """The ``result`` label of one integration call (one of :data:`INTEGRATION_RESULTS`)."""
+    if timed_out:
+        return "timeout"
+    if ok:
+        return "ok"
+    return BREAKER_OPEN_ERROR if error == BREAKER_OPEN_ERROR else "error"
 
 
 def _seconds(ms: float) -> float:

@@ -8,6 +8,9 @@ Times are Unix epoch seconds (``time.time()``); durations are milliseconds. Outc
 - ``abandoned``: the caller hung up before the agent ended the call;
 - ``dropped``: an error ended the call (engine worker crash, internal error, media failure);
   the caller was still handed back to the dialplan, but the agent failed them.
+
+A call may run call flows (:class:`FlowRun`, outcomes :data:`FLOW_OUTCOMES`) and call external
+systems (:class:`IntegrationCall`, breaker states :data:`BREAKER_STATES`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,21 @@ from dataclasses import dataclass, field
 
 OUTCOMES = ("completed", "transferred", "refused", "abandoned", "dropped")
 SHED_LEVELS = ("normal", "brief", "canned", "reject-new")
+FLOW_OUTCOMES = ("completed", "fallback", "escalated", "abandoned", "failed")
+"""How a flow run ended:
+
+- ``completed``: the flow reached its end (an ``end`` step, its last step, or a ``transfer``
+  step that is part of the flow's design);
+- ``fallback``: an integration failed, timed out or had its breaker open, and the flow took its
+  declared fallback;
+- ``escalated``: the caller asked for a person or otherwise left the flow mid-way;
+- ``abandoned``: the caller hung up mid-flow;
+- ``failed``: slot re-prompts were exhausted, or an internal error ended the flow.
+"""
+BREAKER_STATES = ("closed", "half-open", "open")
+"""A circuit breaker's states, in the order of the breaker-state gauge (0, 1, 2)."""
+BREAKER_OPEN_ERROR = "breaker-open"
+"""The ``IntegrationCall.error`` of a call refused because the integration's breaker was open."""
 
 
 @dataclass
@@ -24,7 +42,7 @@ class TurnKpi:
 
     index: int
     path: str
-    """faq, llm, llm-brief, canned, transfer, goodbye (flows may add their own)."""
+    """faq, llm, llm-brief, canned, transfer, goodbye, flow (flows may add their own)."""
     caller_text: str = ""
     reply_text: str = ""
     response_ms: float | None = None
@@ -45,8 +63,28 @@ class IntegrationCall:
     name: str
     ok: bool
     latency_ms: float
+    """From the first attempt to the final answer (retries included); ~0 when refused."""
     timed_out: bool = False
     error: str = ""
+    """Why it failed: ``timeout``, ``breaker-open`` (refused, never sent), ``http-503``, ..."""
+    attempts: int = 1
+    """Attempts made (retries included); 0 when the breaker refused the call."""
+    breaker: str = "closed"
+    """The integration's breaker state after the call: one of :data:`BREAKER_STATES`."""
+
+
+@dataclass
+class FlowRun:
+    """One run of a call flow (booking, routing, after-hours) during a call."""
+
+    name: str
+    outcome: str
+    """One of :data:`FLOW_OUTCOMES`."""
+    steps: int = 0
+    """Steps executed."""
+    started_at: float = 0.0
+    """Epoch seconds."""
+    ended_at: float = 0.0
 
 
 @dataclass
@@ -81,6 +119,7 @@ class CallRecord:
     barge_ins: int = 0
     turns: list[TurnKpi] = field(default_factory=list)
     integrations: list[IntegrationCall] = field(default_factory=list)
+    flows: list[FlowRun] = field(default_factory=list)
 
     @property
     def duration_s(self) -> float:

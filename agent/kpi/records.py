@@ -19,8 +19,20 @@ Durability, and what it costs the call:
 - :meth:`RecordStore.close` (the agent's drain) writes what is still queued before it returns.
 
 The schema is versioned with ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). Writing a record
-whose ``call_id`` is already stored replaces it, turns and integrations included, so a retried
-write is idempotent.
+whose ``call_id`` is already stored replaces it, turns, integrations and flows included, so a
+retried write is idempotent.
+
+Schema history (every change so far is additive, so older files are upgraded in place):
+
+- 1: ``calls``, ``turns``, ``integrations``;
+- 2: ``integrations.attempts`` and ``integrations.breaker``, and the ``flows`` table.
+
+Opening a file for writing upgrades it: missing columns are added (``ALTER TABLE ... ADD
+COLUMN``, found by ``PRAGMA table_info``, with defaults that describe the old rows: 1 attempt,
+breaker closed), missing tables are created, and ``user_version`` is set, in one transaction.
+Reading (:func:`read_records`) never writes: it reads an older file as it is, filling in the
+same defaults, so ``pbx-agent report`` works on a file the agent has not opened since the
+upgrade.
 """
 
 from __future__ import annotations
@@ -36,12 +48,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.kpi.model import CallRecord, IntegrationCall, TurnKpi
+from agent.kpi.model import CallRecord, FlowRun, IntegrationCall, TurnKpi
 
 _LOGGER = logging.getLogger(__name__)
 
 MASK_MODES = ("full", "last4", "hash", "none")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CONFIG_KEY = "kpi.records"
 _BUSY_TIMEOUT_MS = 5000
 _DROP_WARNING_INTERVAL_S = 60.0
@@ -93,9 +105,27 @@ CREATE TABLE IF NOT EXISTS integrations (
     latency_ms REAL NOT NULL,
     timed_out INTEGER NOT NULL,
     error TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    breaker TEXT NOT NULL DEFAULT 'closed',
+    PRIMARY KEY (call_id, seq)
+);
+CREATE TABLE IF NOT EXISTS flows (
+    call_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
     PRIMARY KEY (call_id, seq)
 );
 """
+
+_ADDED_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "integrations": (("attempts", "INTEGER NOT NULL DEFAULT 1", "1"),
+                     ("breaker", "TEXT NOT NULL DEFAULT 'closed'", "'closed'")),
+}
+"""Columns added since schema 1, by table: (name, declaration, value for rows without it)."""
 
 _CALL_COLUMNS = ("call_id", "pbx", "pbx_call_id", "caller", "did", "priority_class",
                  "started_at", "answered_at", "ended_at", "duration_s", "outcome", "result",
@@ -104,7 +134,9 @@ _CALL_COLUMNS = ("call_id", "pbx", "pbx_call_id", "caller", "did", "priority_cla
 _TURN_COLUMNS = ("call_id", "idx", "path", "caller_text", "reply_text", "response_ms",
                  "stt_ms", "llm_first_token_ms", "tts_first_audio_ms", "barged_in",
                  "shed_level")
-_INTEGRATION_COLUMNS = ("call_id", "seq", "name", "ok", "latency_ms", "timed_out", "error")
+_INTEGRATION_COLUMNS = ("call_id", "seq", "name", "ok", "latency_ms", "timed_out", "error",
+                        "attempts", "breaker")
+_FLOW_COLUMNS = ("call_id", "seq", "name", "outcome", "steps", "started_at", "ended_at")
 
 
 def _insert_sql(table: str, columns: tuple[str, ...], verb: str = "INSERT") -> str:
@@ -115,6 +147,7 @@ def _insert_sql(table: str, columns: tuple[str, ...], verb: str = "INSERT") -> s
 _INSERT_CALL = _insert_sql("calls", _CALL_COLUMNS, "INSERT OR REPLACE")
 _INSERT_TURN = _insert_sql("turns", _TURN_COLUMNS)
 _INSERT_INTEGRATION = _insert_sql("integrations", _INTEGRATION_COLUMNS)
+_INSERT_FLOW = _insert_sql("flows", _FLOW_COLUMNS)
 
 
 def mask_caller(number: str, mode: str) -> str:
@@ -167,6 +200,7 @@ def _insert_record(conn: sqlite3.Connection, record: CallRecord) -> None:
     try:
         conn.execute("DELETE FROM turns WHERE call_id = ?", (cid,))
         conn.execute("DELETE FROM integrations WHERE call_id = ?", (cid,))
+        conn.execute("DELETE FROM flows WHERE call_id = ?", (cid,))
         conn.execute(_INSERT_CALL, (
             cid, record.pbx, record.pbx_call_id, record.caller, record.did,
             record.priority_class, record.started_at, record.answered_at, record.ended_at,
@@ -178,8 +212,12 @@ def _insert_record(conn: sqlite3.Connection, record: CallRecord) -> None:
              t.llm_first_token_ms, t.tts_first_audio_ms, int(t.barged_in), t.shed_level)
             for t in record.turns])
         conn.executemany(_INSERT_INTEGRATION, [
-            (cid, seq, i.name, int(i.ok), i.latency_ms, int(i.timed_out), i.error)
+            (cid, seq, i.name, int(i.ok), i.latency_ms, int(i.timed_out), i.error,
+             i.attempts, i.breaker)
             for seq, i in enumerate(record.integrations)])
+        conn.executemany(_INSERT_FLOW, [
+            (cid, seq, f.name, f.outcome, f.steps, f.started_at, f.ended_at)
+            for seq, f in enumerate(record.flows)])
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -208,6 +246,38 @@ def _open_reason(path: str, exc: BaseException) -> str:
     return f"cannot open the SQLite database: {exc}"
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The column names of ``table`` (empty when there is no such table)."""
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _create_or_upgrade(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`, in one transaction.
+
+    Tables are created if missing and columns added since schema 1 are added where missing, so
+    a file of any older version (or one left half-way by an older agent) ends up complete.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        for table, added in _ADDED_COLUMNS.items():
+            have = _columns(conn, table)
+            for name, declaration, _ in added:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the original error is the one worth reporting
+                _LOGGER.debug("schema upgrade: rollback failed: %s", exc)
+        raise
+
+
 def _open_for_writing(path: str) -> sqlite3.Connection:
     """Create the directory and the schema; return a connection in WAL mode (or ConfigError)."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -231,8 +301,7 @@ def _open_for_writing(path: str) -> sqlite3.Connection:
             raise ConfigError(path, _CONFIG_KEY,
                               f"written by a newer pbx-agent (schema version {version}, this "
                               f"one knows {SCHEMA_VERSION}); point kpi.records at a new file")
-        conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA
-                           + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        _create_or_upgrade(conn)
         return conn
     except ConfigError:
         if conn is not None:
@@ -440,9 +509,21 @@ def _open_readonly(path: str, uri: str) -> sqlite3.Connection:
     return conn
 
 
-def _has_schema(conn: sqlite3.Connection) -> bool:
-    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'")
+def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
     return row.fetchone() is not None
+
+
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    return _has_table(conn, "calls")
+
+
+def _select_list(conn: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> str:
+    """``columns`` for a SELECT from ``table``; one an older file lacks reads as its default."""
+    have = _columns(conn, table)
+    defaults = {name: value for name, _, value in _ADDED_COLUMNS.get(table, ())}
+    return ", ".join(c if c in have or c not in defaults else f"{defaults[c]} AS {c}"
+                     for c in columns)
 
 
 def read_records(path: str, since: float | None = None,
@@ -460,8 +541,8 @@ def read_records(path: str, since: float | None = None,
             where.append("started_at < ?")
             args.append(until)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        # One read transaction, so calls, turns and integrations are one consistent snapshot
-        # even while the writer commits.
+        # One read transaction, so calls, turns, integrations and flows are one consistent
+        # snapshot even while the writer commits.
         conn.execute("BEGIN")
         rows = conn.execute(
             f"SELECT call_id, pbx, pbx_call_id, caller, did, priority_class, started_at, "
@@ -485,12 +566,21 @@ def read_records(path: str, since: float | None = None,
                     index=t[1], path=t[2], caller_text=t[3], reply_text=t[4], response_ms=t[5],
                     stt_ms=t[6], llm_first_token_ms=t[7], tts_first_audio_ms=t[8],
                     barged_in=bool(t[9]), shed_level=t[10]))
+            columns = _select_list(conn, "integrations", (
+                "call_id", "name", "ok", "latency_ms", "timed_out", "error", "attempts",
+                "breaker"))
             for i in conn.execute(
-                    f"SELECT call_id, name, ok, latency_ms, timed_out, error FROM integrations "
+                    f"SELECT {columns} FROM integrations "
                     f"WHERE call_id IN ({sub}) ORDER BY call_id, seq", args):
                 records[i[0]].integrations.append(IntegrationCall(
                     name=i[1], ok=bool(i[2]), latency_ms=i[3], timed_out=bool(i[4]),
-                    error=i[5]))
+                    error=i[5], attempts=i[6], breaker=i[7]))
+            if _has_table(conn, "flows"):  # a schema 1 file has none
+                for f in conn.execute(
+                        f"SELECT call_id, name, outcome, steps, started_at, ended_at FROM flows "
+                        f"WHERE call_id IN ({sub}) ORDER BY call_id, seq", args):
+                    records[f[0]].flows.append(FlowRun(
+                        name=f[1], outcome=f[2], steps=f[3], started_at=f[4], ended_at=f[5]))
         conn.execute("COMMIT")
         return list(records.values())
     finally:

@@ -2,8 +2,9 @@
 
 :func:`compute_kpis` turns a list of :class:`~agent.kpi.model.CallRecord` into :class:`Kpis`,
 the capacity-planning checklist: load (concurrent calls), responsiveness (latency per stage),
-how calls end (completion, escalation, abandoned, dropped, refused), the integrations, and the
-callers' ratings. :func:`format_table`, :func:`to_json` and :func:`render_html` present it.
+how calls end (completion, escalation, abandoned, dropped, refused), the call flows, the
+integrations, and the callers' ratings. :func:`format_table`, :func:`to_json` and
+:func:`render_html` present it.
 matplotlib is imported only by :func:`render_html`, so importing this module stays cheap.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.kpi.model import OUTCOMES, SHED_LEVELS, CallRecord
+from agent.kpi.model import BREAKER_OPEN_ERROR, FLOW_OUTCOMES, OUTCOMES, SHED_LEVELS, CallRecord
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -98,6 +99,28 @@ class IntegrationCounts:
     calls: int = 0
     ok: int = 0
     timed_out: int = 0
+    breaker_open: int = 0
+    """Calls refused at once because the integration's breaker was open (never sent)."""
+    latency: Latency = field(default_factory=Latency)
+    """Of the calls sent (breaker refusals left out), timeouts and errors included."""
+
+
+@dataclass
+class FlowCounts:
+    """Runs of one call flow, by outcome (:data:`~agent.kpi.model.FLOW_OUTCOMES`)."""
+
+    runs: int = 0
+    """Every run, one with an unknown outcome included."""
+    completed: int = 0
+    fallback: int = 0
+    escalated: int = 0
+    abandoned: int = 0
+    failed: int = 0
+
+    @property
+    def completion_rate(self) -> float | None:
+        """Completed runs over runs (None with no run)."""
+        return _ratio(self.completed, self.runs)
 
 
 @dataclass
@@ -129,7 +152,14 @@ class Kpis:
     integration_calls: int = 0
     integration_timeouts: int = 0
     integration_timeout_rate: float | None = None
+    integration_breaker_open: int = 0
     integrations: dict[str, IntegrationCounts] = field(default_factory=dict)
+    flow_runs: int = 0
+    flow_completed: int = 0
+    flow_completion_rate: float | None = None
+    """Completed flow runs over all flow runs, every flow together."""
+    flows: dict[str, FlowCounts] = field(default_factory=dict)
+    """By flow name, sorted."""
     satisfaction_n: int = 0
     satisfaction_mean: float | None = None
     satisfaction_distribution: dict[int, int] = field(default_factory=dict)
@@ -220,16 +250,40 @@ def compute_kpis(records: list[CallRecord], since: float, until: float) -> Kpis:
     k.dropped_rate = _ratio(k.outcomes["dropped"], k.answered)
     k.refusal_rate = _ratio(k.refused, k.offered)
 
+    latencies: dict[str, list[float]] = {}
     for rec in records:
         for call in rec.integrations:
             counts = k.integrations.setdefault(call.name, IntegrationCounts())
             counts.calls += 1
             counts.ok += call.ok
             counts.timed_out += call.timed_out
+            if call.error == BREAKER_OPEN_ERROR and not call.ok and not call.timed_out:
+                counts.breaker_open += 1
+            else:
+                latencies.setdefault(call.name, []).append(call.latency_ms)
+    for name, counts in k.integrations.items():
+        counts.latency = Latency.of(latencies.get(name, []))
     k.integrations = dict(sorted(k.integrations.items()))
     k.integration_calls = sum(c.calls for c in k.integrations.values())
     k.integration_timeouts = sum(c.timed_out for c in k.integrations.values())
     k.integration_timeout_rate = _ratio(k.integration_timeouts, k.integration_calls)
+    k.integration_breaker_open = sum(c.breaker_open for c in k.integrations.values())
+
+    unknown = 0
+    for rec in records:
+        for run in rec.flows:
+            flow = k.flows.setdefault(run.name, FlowCounts())
+            flow.runs += 1
+            if run.outcome in FLOW_OUTCOMES:
+                setattr(flow, run.outcome, getattr(flow, run.outcome) + 1)
+            else:
+                unknown += 1
+    if unknown:
+        _LOGGER.warning("%d flow runs with an unknown outcome counted as runs only", unknown)
+    k.flows = dict(sorted(k.flows.items()))
+    k.flow_runs = sum(f.runs for f in k.flows.values())
+    k.flow_completed = sum(f.completed for f in k.flows.values())
+    k.flow_completion_rate = _ratio(k.flow_completed, k.flow_runs)
 
     ratings = [r.satisfaction for r in records if r.satisfaction is not None]
     valid = [x for x in ratings if 1 <= x <= 5]
@@ -316,15 +370,27 @@ def _rows(k: Kpis) -> list[tuple[str, str, str]]:
         ("dropped rate", _pct(k.dropped_rate), "calls the agent failed (errors)"),
         ("refusal rate", _pct(k.refusal_rate), "offered calls turned away (too little capacity)"),
         ("refusals by reason", _counts(k.refused_by_reason), "which limit turned calls away"),
+        ("flow completion rate",
+         _pct(k.flow_completion_rate)
+         + (f" ({k.flow_completed} of {k.flow_runs})" if k.flow_runs else ""),
+         "call flow runs that reached their end"),
+    ]
+    for name, f in k.flows.items():
+        rows.append((f"  flow {name}",
+                     f"{_plural(f.runs, 'run')}, {f.completed} completed "
+                     f"({_pct(f.completion_rate)}), {f.fallback} fallback, "
+                     f"{f.escalated} escalated, {f.abandoned} abandoned, {f.failed} failed",
+                     "per call flow"))
+    rows.append(
         ("integration timeout rate",
          _pct(k.integration_timeout_rate)
          + (f" ({k.integration_timeouts} of {k.integration_calls})" if k.integration_calls else ""),
-         "external systems too slow for a live call"),
-    ]
+         "external systems too slow for a live call"))
     for name, c in k.integrations.items():
         rows.append((f"  integration {name}",
-                     f"{_plural(c.calls, 'call')}, {c.ok} ok, {c.timed_out} timed out",
-                     "per external system"))
+                     f"{_plural(c.calls, 'call')}, {c.ok} ok, {c.timed_out} timed out, "
+                     f"{c.breaker_open} breaker-open, p50 / p95 {_p50_p95(c.latency)}",
+                     "per external system (breaker-open: refused, not sent)"))
     dist = " ".join(f"{x}:{n}" for x, n in k.satisfaction_distribution.items())
     rows += [
         ("satisfaction (n, mean)", f"{k.satisfaction_n}, {_num(k.satisfaction_mean)}",
@@ -370,8 +436,13 @@ def to_json(k: Kpis) -> dict[str, Any]:
         concurrency: {peak, mean}
         latency: {turns, response, by_path: {path: ...}, stt, llm_first_token, tts_first_audio}
                  each latency is {n, p50_ms, p95_ms, p99_ms}
-        rates: {completion, escalation, abandoned, dropped, refusal, integration_timeout}
-        integrations: {calls, timed_out, by_name: {name: {calls, ok, timed_out}}}
+        rates: {completion, escalation, abandoned, dropped, refusal, integration_timeout,
+                flow_completion}
+        integrations: {calls, timed_out, breaker_open,
+                       by_name: {name: {calls, ok, timed_out, breaker_open, p50_ms, p95_ms}}}
+        flows: {runs, completed, completion_rate,
+                by_name: {name: {runs, completed, fallback, escalated, abandoned, failed,
+                                 completion_rate}}}
         satisfaction: {n, mean, distribution: {"1": count, ..., "5": count}}
         per_call: {mean_duration_s, turns, barge_ins}          over answered calls
         shed_levels: {level: count}                            of answered calls
@@ -395,13 +466,28 @@ def to_json(k: Kpis) -> dict[str, Any]:
             "dropped": k.dropped_rate,
             "refusal": k.refusal_rate,
             "integration_timeout": k.integration_timeout_rate,
+            "flow_completion": k.flow_completion_rate,
         },
         "integrations": {
             "calls": k.integration_calls,
             "timed_out": k.integration_timeouts,
+            "breaker_open": k.integration_breaker_open,
             "by_name": {
-                name: {"calls": c.calls, "ok": c.ok, "timed_out": c.timed_out}
+                name: {"calls": c.calls, "ok": c.ok, "timed_out": c.timed_out,
+                       "breaker_open": c.breaker_open, "p50_ms": c.latency.p50_ms,
+                       "p95_ms": c.latency.p95_ms}
                 for name, c in k.integrations.items()
+            },
+        },
+        "flows": {
+            "runs": k.flow_runs,
+            "completed": k.flow_completed,
+            "completion_rate": k.flow_completion_rate,
+            "by_name": {
+                name: {"runs": f.runs, "completed": f.completed, "fallback": f.fallback,
+                       "escalated": f.escalated, "abandoned": f.abandoned, "failed": f.failed,
+                       "completion_rate": f.completion_rate}
+                for name, f in k.flows.items()
             },
         },
         "satisfaction": {

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.audio import FRAME_MS, resample
@@ -143,6 +144,8 @@ class AsteriskAgent:
                  live: Callable[[], LiveLimits | None] = lambda: None) -> None:
         self.config = config
         self.engines = engines
+        #: the wall clock for business hours and after-hours flows (injected in tests)
+        self.wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self.governor, self.stt_pool, self.tts_pool, self.kpi = build_call_services(
             config, engines, live)
         lis = config.listen
@@ -155,8 +158,9 @@ class AsteriskAgent:
         self.sessions: dict[str, CallSession] = {}
 
     async def start(self) -> None:
-        """Bind both listeners, start the load sensors."""
+        """Bind both listeners, start the load sensors and the side-work queue."""
         self.governor.start()
+        self.kpi.integrations.start()
         await self.audiosocket.start()
         await self.fastagi.start()
         _LOGGER.info("listening: FastAGI %s:%d, AudioSocket %s:%d",
@@ -192,6 +196,8 @@ class AsteriskAgent:
         await self.audiosocket.close()
         self.stt_pool.shutdown(wait=True, cancel_futures=True)
         self.tts_pool.shutdown(wait=True, cancel_futures=True)
+        # side work still pending is kept in its file (or counted lost when memory-only)
+        await asyncio.get_running_loop().run_in_executor(None, self.kpi.integrations.close)
 
     def advertise(self) -> str:
         """The `host:port` Asterisk must connect its AudioSocket to."""
@@ -210,7 +216,7 @@ class AsteriskAgent:
     async def _handle_agi(self, agi: AgiChannel) -> None:
         env = agi.env
         call_id = env.uniqueid or uuid.uuid4().hex[:12]
-        did = env.dnid if env.dnid and env.dnid != "unknown" else env.extension
+        did = _did_of(agi)
         record = self.kpi.new_record(env.uniqueid, env.callerid, did)
         decision = self.governor.admit(env.callerid, did)
         if isinstance(decision, Refusal):
@@ -249,7 +255,10 @@ class AsteriskAgent:
                                   DialogPolicy(self.config.agent), self.config.rate_hz,
                                   self.stt_pool, self.tts_pool,
                                   shed_level=lambda: self.governor.level,
-                                  on_latency=self.governor.latency.add)
+                                  on_latency=self.governor.latency.add,
+                                  wall_clock=self.wall_clock,
+                                  **self.kpi.flow_context(record, agi.env.callerid,
+                                                          _did_of(agi)))
             ticket.started()
             session_holder.append(session)
             self.sessions[call_id] = session
@@ -351,3 +360,9 @@ async def serve(config: Config, load: Callable[[Config], EngineBundle]) -> int:
         await monitor.close()
     engines.close()
     return 0
+
+
+def _did_of(agi: AgiChannel) -> str:
+    """The number the caller dialled: agi_dnid, else the extension."""
+    env = agi.env
+    return env.dnid if env.dnid and env.dnid != "unknown" else env.extension

@@ -162,7 +162,8 @@ class EslCallApp:
                               DialogPolicy(self.agent.config.agent), self.rate_hz,
                               self.agent.stt_pool, self.agent.tts_pool,
                               shed_level=lambda: governor.level,
-                              on_latency=governor.latency.add)
+                              on_latency=governor.latency.add,
+                              **self.agent.kpi.flow_context(record, self.caller, self.did))
         ticket.started()
         self.agent.sessions[self.uuid] = session
         pumps: list[gevent.Greenlet] = []

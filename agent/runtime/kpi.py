@@ -18,9 +18,10 @@ from typing import Any
 from agent.call.session import CallOutcome, TurnRecord
 from agent.capacity.limits import LiveLimits
 from agent.config import Config
+from agent.integrations.service import IntegrationService
 from agent.kpi.cpu import StageCpu, pool_initializer
 from agent.kpi.metrics import AgentMetrics
-from agent.kpi.model import CallRecord, TurnKpi, classify_outcome
+from agent.kpi.model import CallRecord, FlowRun, IntegrationCall, TurnKpi, classify_outcome
 from agent.kpi.records import RecordStore, mask_caller
 from agent.runtime.governor import Governor
 
@@ -45,6 +46,11 @@ class RuntimeKpi:
         self.store: RecordStore | None = None
         self.metrics = AgentMetrics(config.pbx, _version())
         self.metrics_port: int | None = None
+        #: the webhooks and side-work queue for flows (started in open())
+        self.integrations = IntegrationService(
+            config, on_result=self._observe_integration, on_breaker=self._breaker_changed)
+        self.metrics.attach_sidework(self.integrations.sidework.stats)
+        self.metrics.declare_flows(f.name for f in config.agent.flows)
         self._stop = threading.Event()
         llm = getattr(engines, "llm", None)
 
@@ -100,6 +106,26 @@ class RuntimeKpi:
             except OSError as exc:
                 _LOGGER.error("metrics endpoint OFF: %s", exc)
         self.start_cpu_polling()
+        try:
+            self.integrations.start()
+        except Exception as exc:
+            _LOGGER.error("side-work queue OFF: %s", exc)
+
+    def _observe_integration(self, outcome: Any) -> None:
+        try:
+            self.metrics.observe_integration(outcome.name, outcome.ok, outcome.latency_ms,
+                                             outcome.timed_out, outcome.error)
+        except Exception:
+            _LOGGER.exception("integration metrics update failed")
+
+    def _breaker_changed(self, name: str, old: str, new: str) -> None:
+        _LOGGER.warning("integration %s: circuit breaker %s -> %s", name, old, new)
+        self.metrics.set_breaker(name, new)
+
+    def flow_context(self, record: CallRecord, caller: str, did: str) -> dict[str, Any]:
+        """What a call session needs for flows: the integrations and the built-in variables."""
+        return {"services": self.integrations,
+                "call_info": {"caller_id": caller, "did": did, "call_id": record.call_id}}
 
     def start_cpu_polling(self, every_s: float = 1.0) -> None:
         """Read the per-thread CPU every second, so short-lived engine threads are counted."""
@@ -115,6 +141,7 @@ class RuntimeKpi:
     def close(self) -> None:
         """Write the records still queued, stop the endpoint."""
         self._stop.set()
+        self.integrations.close()
         if self.store is not None:
             self.store.close()
         self.metrics.stop_server()
@@ -160,7 +187,16 @@ class RuntimeKpi:
         record.barge_ins = outcome.barge_ins
         record.satisfaction = outcome.satisfaction
         record.turns = [turn_kpi(i, t) for i, t in enumerate(outcome.turns)]
+        record.flows = [FlowRun(name=f.name, outcome=f.outcome, steps=f.steps,
+                                started_at=f.started_at, ended_at=f.ended_at)
+                        for f in outcome.flows]
+        record.integrations = [IntegrationCall(name=o.name, ok=o.ok, latency_ms=o.latency_ms,
+                                               timed_out=o.timed_out, error=o.error,
+                                               attempts=o.attempts, breaker=o.breaker)
+                               for o in outcome.integrations]
         self._write(record)
+        if self.config.sidework.post_call:
+            self.integrations.post_call(post_call_summary(record, outcome))
 
     def _write(self, record: CallRecord) -> None:
         try:
@@ -186,6 +222,19 @@ def build_call_services(config: Config, engines: Any,
     if llm is not None and hasattr(llm, "wait_observer"):
         llm.wait_observer = kpi.observe_llm_wait
     return governor, stt_pool, tts_pool, kpi
+
+
+def post_call_summary(record: CallRecord, outcome: CallOutcome) -> dict[str, Any]:
+    """The JSON a post-call webhook gets: the call, how it ended, and its flows' slots."""
+    return {
+        "call_id": record.call_id, "pbx": record.pbx, "pbx_call_id": record.pbx_call_id,
+        "caller": record.caller, "did": record.did, "started_at": record.started_at,
+        "ended_at": record.ended_at, "outcome": record.outcome, "result": record.result,
+        "reason": record.reason, "transfer_to": record.transfer_to,
+        "turns": len(record.turns),
+        "flows": [{"name": f.name, "outcome": f.outcome, "slots": dict(f.slots)}
+                  for f in outcome.flows],
+    }
 
 
 def turn_kpi(index: int, turn: TurnRecord) -> TurnKpi:
