@@ -237,6 +237,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:  # the PBX enforces its own limits either way: a warning, not a failure
         print(f"PBX limits: warning: {static.problem}")
     problems += _check_kpi(config)
+    problems += _check_integrations(config)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     return 1 if problems else 0
@@ -270,6 +271,56 @@ def _check_kpi(config: Config) -> list[str]:
             in_use = sock.connect_ex((ep.host, ep.port)) == 0
         print(f"metrics: http://{ep}/metrics" + (" (in use: an agent is running, or another "
                                                  "program holds the port)" if in_use else ": ok"))
+    return problems
+
+
+def _check_integrations(config: Config) -> list[str]:
+    """Flows loaded; each webhook's secrets readable (files root-only) and its host reachable.
+
+    An unreachable system is a warning, not a failure: the flows take their fallback at once.
+    """
+    import os
+    import socket
+    import stat
+    from urllib.parse import urlsplit
+
+    flows = config.agent.flows
+    if flows:
+        print(f"flows: {len(flows)} ok ("
+              + ", ".join(f"{f.name} [{f.start}, {len(f.steps)} steps]" for f in flows) + ")")
+    problems: list[str] = []
+    for name, spec in config.integrations.items():
+        notes: list[str] = []
+        for header, secret in spec.secret_headers:
+            key = f"{config.path}: integrations.{name}.secret_headers.{header}"
+            if secret.env and os.environ.get(secret.env):
+                continue
+            if secret.file:
+                try:
+                    mode = os.stat(secret.file).st_mode
+                except OSError as exc:
+                    problems.append(f"{key}: cannot read {secret.file}: {exc.strerror}")
+                    continue
+                if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    problems.append(f"{key}: {secret.file} is readable by group or others "
+                                    f"(chmod 600 it)")
+                elif not os.access(secret.file, os.R_OK):
+                    problems.append(f"{key}: {secret.file} is not readable by this user")
+            else:
+                notes.append(f"${secret.env} not set here (set it in the service environment)")
+        parts = urlsplit(spec.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=1.0):
+                reach = "reachable"
+        except OSError as exc:
+            reach = f"NOT REACHABLE ({exc.strerror or exc}; flows take their fallback)"
+        print(f"integration {name}: {spec.method} {parts.scheme}://{parts.hostname}:{port}"
+              f"{parts.path} timeout {spec.timeout_ms} ms: {reach}"
+              + "".join(f"; warning: {n}" for n in notes))
+    side = config.sidework
+    print(f"side work: up to {side.max_jobs} jobs, {side.max_attempts} attempts"
+          + (f", post-call to {', '.join(side.post_call)}" if side.post_call else ""))
     return problems
 
 

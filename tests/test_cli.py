@@ -104,3 +104,66 @@ def test_report_and_status_commands(tmp_path: Path, capsys: pytest.CaptureFixtur
         metrics.stop_server()
     assert main(["status", "--url", f"http://127.0.0.1:{port}/metrics"]) == 1
     assert "not running" in capsys.readouterr().err
+
+
+_FLOW_CFG = """state_dir: {state}
+kpi: {{metrics: "off"}}
+transfers: {{front-desk: "PJSIP/100", billing: "PJSIP/101", emergency: "PJSIP/199"}}
+integrations:
+  crm:
+    url: {url}
+    secret_headers:
+      Authorization: {{file: {secret}, prefix: "Bearer "}}
+agent:
+  name: Shop
+  persona: You sell bikes.
+  greeting: Hello.
+  goodbye: Bye.
+  fallback: I don't know.
+  transfer_reply: One moment.
+  flows:
+    - name: note
+      phrases: [leave a note]
+      steps:
+        - ask: text
+          type: text
+          prompt: "What is it?"
+        - call: crm
+          background: true
+          with: {{note: "{{text}}"}}
+        - {step}
+"""
+
+
+def test_check_reports_a_bad_flow_step_with_its_line(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(_FLOW_CFG.format(state=tmp_path, url="http://127.0.0.1:9/x",
+                                    secret=tmp_path / "s", step="transfer: sales"))
+    assert main(["--config", str(cfg), "check"]) == 1
+    err = capsys.readouterr().err
+    assert f"{cfg}:26: agent.flows[0].steps[2].transfer: 'sales' is not in the `transfers` " \
+           "allowlist" in err
+
+
+def test_check_refuses_a_secret_file_others_can_read_and_probes_webhooks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.sim.webhooks import WebhookServer
+
+    secret = tmp_path / "crm.token"
+    secret.write_text("s3cr3t-value\n")
+    secret.chmod(0o644)
+    cfg = tmp_path / "agent.yaml"
+    with WebhookServer() as server:
+        cfg.write_text(_FLOW_CFG.format(state=tmp_path, url=f"{server.url}/crm/notes",
+                                        secret=secret, step="end: Thanks."))
+        assert main(["--config", str(cfg), "check"]) == 1
+        out, err = capsys.readouterr()
+        assert "integration crm: POST http://127.0.0.1:" in out and ": reachable" in out
+        assert "flows: 1 ok (note [intent, 3 steps])" in out
+        assert f"{secret} is readable by group or others (chmod 600 it)" in err
+        secret.chmod(0o600)
+        main(["--config", str(cfg), "check"])
+        out, err = capsys.readouterr()
+        assert "crm.token" not in err
+    assert "s3cr3t-value" not in out + err
