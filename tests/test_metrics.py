@@ -606,6 +606,21 @@ def test_status_of_a_fresh_agent_with_nothing_bound() -> None:
     json.dumps(snap.__dict__, sort_keys=True)  # `pbx-agent status --json` can dump it
 
 
+def test_status_shows_breakers_and_side_work() -> None:
+    from agent.integrations.sidework import SideWorkStats
+
+    m = AgentMetrics("asterisk")
+    m.set_breaker("calendar", "open")
+    m.set_breaker("crm", "closed")
+    m.attach_sidework(lambda: SideWorkStats(depth=3, dropped=2, lost=0, delivered=7, failed=1,
+                                            restored=0))
+    snap = snapshot_from_metrics(samples_of(m))
+    assert snap.breakers == {"calendar": "open", "crm": "closed"}
+    lines = format_status(snap).splitlines()
+    assert "integrations: calendar open, crm closed" in lines
+    assert "side work: 3 pending; 7 delivered, 2 dropped, 1 failed" in lines
+
+
 def test_fetch_metrics_on_a_closed_port_names_the_url() -> None:
     url = f"http://127.0.0.1:{closed_port()}/metrics"
     with pytest.raises(ConnectionError) as err:

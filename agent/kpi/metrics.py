@@ -553,6 +553,11 @@ class StatusSnapshot:
     """Ratings given since start, by rating ("1".."5")."""
     records_written: int | None = None
     records_dropped: int | None = None
+    breakers: dict[str, str] = field(default_factory=dict)
+    """Circuit breaker state by integration (closed, half-open, open)."""
+    sidework_depth: int | None = None
+    sidework_jobs: dict[str, int] = field(default_factory=dict)
+    """Side-work jobs since start by result (delivered, failed, dropped, lost, restored)."""
 
 
 def _one(samples: Samples, name: str) -> float | None:
@@ -604,6 +609,11 @@ def snapshot_from_metrics(samples: Samples) -> StatusSnapshot:
         satisfaction=_ints(_by(samples, f"{PREFIX}satisfaction_total", "rating")),
         records_written=_int(_one(samples, f"{PREFIX}records_written_total")),
         records_dropped=_int(_one(samples, f"{PREFIX}records_dropped_total")),
+        breakers={name: BREAKER_STATES[int(v)] if 0 <= int(v) < len(BREAKER_STATES) else "?"
+                  for name, v in _by(samples, f"{PREFIX}integration_breaker_state",
+                                     "integration").items()},
+        sidework_depth=_int(_one(samples, f"{PREFIX}sidework_depth")),
+        sidework_jobs=_ints(_by(samples, f"{PREFIX}sidework_jobs_total", "result")),
     )
 
 
@@ -647,6 +657,12 @@ def format_status(s: StatusSnapshot) -> str:
     if s.cpu_seconds:
         lines.append("cpu: " + ", ".join(f"{st} {v:.1f} s" for st, v in _ordered(
             s.cpu_seconds, ("stt", "llm", "tts", "other"))))
+    if s.breakers:
+        lines.append("integrations: " + ", ".join(f"{n} {st}" for n, st in
+                                                  sorted(s.breakers.items())))
+    if s.sidework_depth is not None:
+        jobs = ", ".join(f"{n} {r}" for r, n in sorted(s.sidework_jobs.items()) if n)
+        lines.append(f"side work: {s.sidework_depth} pending" + (f"; {jobs}" if jobs else ""))
     rated = sum(s.satisfaction.values())
     if rated:
         mean = sum(int(r) * n for r, n in s.satisfaction.items()) / rated
