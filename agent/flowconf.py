@@ -42,6 +42,7 @@ MAX_FLOW_STEPS = 60
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)((?:\.[\w-]+)*)\}")
 _ID = re.compile(r"^[A-Za-z_][\w-]*$")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
 
 
 def placeholders(text: str) -> list[str]:
@@ -166,7 +167,11 @@ class FlowConfig:
                 texts += [step.prompt, step.reprompt]
             elif isinstance(step, CallStep):
                 texts.append(step.say_first)
-        return tuple(dict.fromkeys(t for t in texts if t and not is_template(t)))
+        fixed = [t for t in texts if t and not is_template(t)]
+        for text in texts:  # a templated text is spoken sentence by sentence: cache the fixed ones
+            if text and is_template(text):
+                fixed += [p for p in _SENTENCE_SPLIT.split(text) if p and not is_template(p)]
+        return tuple(dict.fromkeys(fixed))
 
 
 def case_key(value: Any) -> str:

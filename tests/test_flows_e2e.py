@@ -103,6 +103,7 @@ async def _asterisk_calls(config: Config, engines: EngineBundle, voice: PiperTts
 def _check_booked(report: SimCallReport, record: CallRecord, server: WebhookServer) -> None:
     assert report.result == "DONE", (report.reason, record.turns)
     assert record.reason == "caller-goodbye"
+    assert record.barge_ins == 0  # answering a flow question is a turn, not a barge-in
     [flow] = record.flows
     assert (flow.name, flow.outcome) == ("booking", "completed")
     assert [(i.name, i.ok) for i in record.integrations] == [

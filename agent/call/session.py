@@ -41,6 +41,7 @@ from agent.dialog.flows import (
     FlowRunner,
     Heard,
 )
+from agent.dialog.guard import split_sentences
 from agent.dialog.policy import AskLlm, DialogPolicy, Hangup, SayFixed, StartFlow, Transfer
 from agent.engine.bundle import EngineBundle
 from agent.engine.llm import LlmRequest
@@ -577,18 +578,17 @@ class CallSession:
         if self._done.is_set():
             return False
         agent = self.config.agent
+        reason = f"flow:{flow.name}" if result.outcome in ("completed", "fallback") \
+            else f"flow-{result.outcome}:{flow.name}"
         last_id = io.reply_id_for_next()
         last_record = io.record_for_next()
         if result.action == "transfer":
             target = self.config.transfers.get(result.target) if result.target else None
-            reason = f"flow:{flow.name}" if result.outcome in ("completed", "fallback",
-                                                                "escalated") \
-                else f"flow-{result.outcome}:{flow.name}"
             self._finish_with(result.text or agent.transfer_reply, CallResult.TRANSFER, reason,
                               target or self.default_target(), last_id, last_record)
         else:
-            self._finish_with(result.text or agent.goodbye, CallResult.DONE,
-                              f"flow:{flow.name}", reply_id=last_id, record=last_record)
+            self._finish_with(result.text or agent.goodbye, CallResult.DONE, reason,
+                              reply_id=last_id, record=last_record)
         return False
 
     def _answer_llm(self, decision: AskLlm, record: TurnRecord, reply_id: int,
@@ -815,12 +815,13 @@ class _SessionFlowIO:
         try:
             if s.engines.phrases.get(text) is not None:
                 s._say_fixed(text, self.reply_id, record)
-            else:
-                audio = s._synthesize(text)
-                s._check_interrupt()
-                if record is not None and record.tts_first_audio_ms is None:
-                    record.tts_first_audio_ms = (time.perf_counter() - self.t0) * 1000.0
-                s.playback.enqueue(audio, self.reply_id)
+            else:  # sentence by sentence: the caller hears the first while the rest is made
+                for sentence in split_sentences(text) or [text]:
+                    audio = s._synthesize(sentence)
+                    s._check_interrupt()
+                    if record is not None and record.tts_first_audio_ms is None:
+                        record.tts_first_audio_ms = (time.perf_counter() - self.t0) * 1000.0
+                    s.playback.enqueue(audio, self.reply_id)
         except _Interrupted:
             if s._done.is_set():
                 raise FlowAborted() from None
@@ -836,6 +837,10 @@ class _SessionFlowIO:
         if ask.dtmf:
             digits = ask.max_digits if ask.type in ("phone", "digits") else 1
             s._dtmf_entry = _DtmfEntry(digits)
+        # waiting for an answer is not replying: caller speech now starts a turn (not a
+        # barge-in) and the no-input timer runs once the prompt has played
+        replying = s._replying.is_set()
+        s._replying.clear()
         try:
             while not s._done.is_set():
                 if s.clock() - s._started_at > s.config.turn.max_call_s:
@@ -853,6 +858,8 @@ class _SessionFlowIO:
             return None
         finally:
             s._dtmf_entry = None
+            if replying:
+                s._replying.set()
 
     def _new_turn(self, utt: _Utterance) -> None:
         s = self.s
