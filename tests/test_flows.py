@@ -14,7 +14,7 @@ from agent.config import default_config, parse_config
 from agent.dialog.flows import CallAnswer, FlowResult, FlowRunner, Heard
 from agent.dialog.policy import DialogPolicy, StartFlow, Transfer
 from agent.errors import ConfigError
-from agent.flowconf import AskStep, FlowConfig
+from agent.flowconf import AskStep, FlowConfig, TransferStep
 
 TZ = ZoneInfo("America/New_York")
 NOW = datetime(2026, 11, 27, 10, 0, tzinfo=TZ)  # a Friday morning
@@ -247,6 +247,14 @@ def test_policy_starts_flows_from_their_phrases() -> None:
     assert policy.decide("Which department handles this?") == StartFlow("route")
     # an explicit request for a person still wins over a flow
     assert isinstance(policy.decide("I want a person to book an appointment"), Transfer)
+
+
+def test_a_target_outside_the_allowlist_is_refused_at_run_time_too() -> None:
+    # flowconf refuses it at load; a hand-built flow checks the runner's own guard
+    bad = FlowConfig(name="x", steps=(TransferStep(target="+15559990000", text="Dialling."),))
+    result = FlowRunner(bad, ScriptedIO([]), ("front-desk",)).run()
+    assert (result.outcome, result.action, result.target) == ("failed", "transfer", "")
+    assert "not allowed" in result.detail
 
 
 def test_a_goto_loop_ends_as_failed() -> None:
