@@ -23,7 +23,13 @@ from agent.confbase import load_yaml as _load_yaml
 from agent.errors import ConfigError
 from agent.flowconf import FlowConfig, parse_flows
 from agent.integrations.breaker import BreakerPolicy
-from agent.integrations.spec import METHODS, IntegrationSpec, SecretHeader, SideWorkConfig
+from agent.integrations.spec import (
+    METHODS,
+    IntegrationSpec,
+    SecretHeader,
+    SecretRef,
+    SideWorkConfig,
+)
 
 DEFAULT_CONFIG_PATH = "/etc/pbx-agent/agent.yaml"
 EMBEDDED_DEFAULT = "<embedded default.yaml>"
@@ -184,25 +190,6 @@ class PriorityClass:
     callerid: tuple[str, ...] = ()
     did: tuple[str, ...] = ()
     when: str = "always"
-
-
-@dataclass(frozen=True)
-class SecretRef:
-    """Where a secret is read from at use time (never stored in the config, never logged)."""
-
-    env: str = ""
-    file: str = ""
-
-    def read(self) -> str:
-        """The secret: the environment variable if set, else the file's first line."""
-        if self.env and os.environ.get(self.env):
-            return os.environ[self.env]
-        if self.file:
-            try:
-                return Path(self.file).read_text(encoding="utf-8").splitlines()[0].strip()
-            except (OSError, IndexError) as exc:
-                raise ConfigError(self.file, "(file)", f"cannot read secret: {exc}") from None
-        return ""
 
 
 @dataclass(frozen=True)
@@ -682,21 +669,22 @@ def parse_integrations(sec: _Section) -> dict[str, IntegrationSpec]:
         bp = it.sub("breaker")
         d = BreakerPolicy()
         breaker = BreakerPolicy(
-            failures=bp.get_int("failures", 3, 1, 1000),
+            failures=bp.get_int("failures", d.failures, 1, 1000),
             window_s=bp.get_float("window_s", d.window_s, 1.0, 86400.0),
-            slow_ms=bp.get_float("slow_ms", 0.0, 0.0, 600000.0),
-            cooldown_s=bp.get_float("cooldown_s", 20.0, 0.1, 86400.0),
-            half_open_calls=bp.get_int("half_open_calls", 1, 1, 100),
+            slow_ms=bp.get_float("slow_ms", d.slow_ms, 0.0, 600000.0),
+            cooldown_s=bp.get_float("cooldown_s", d.cooldown_s, 0.1, 86400.0),
+            half_open_calls=bp.get_int("half_open_calls", d.half_open_calls, 1, 100),
         )
         bp.check_unknown()
         idempotent_raw = it.raw("idempotent")
         idempotent = None if idempotent_raw is None else it.get_bool("idempotent", False)
+        ds = IntegrationSpec(name="", url="")
         specs[str(name)] = IntegrationSpec(
             name=str(name), url=url, method=method, headers=tuple(headers),
             secret_headers=tuple(secrets),
-            timeout_ms=it.get_int("timeout_ms", 2000, 50, 60000),
-            retries=it.get_int("retries", 1, 0, 10),
-            backoff_ms=it.get_int("backoff_ms", 100, 0, 60000),
+            timeout_ms=it.get_int("timeout_ms", ds.timeout_ms, 50, 60000),
+            retries=it.get_int("retries", ds.retries, 0, 10),
+            backoff_ms=it.get_int("backoff_ms", ds.backoff_ms, 0, 60000),
             idempotent=idempotent, breaker=breaker)
         it.check_unknown()
     return specs

@@ -42,7 +42,6 @@ MAX_FLOW_STEPS = 60
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w-]*)((?:\.[\w-]+)*)\}")
 _ID = re.compile(r"^[A-Za-z_][\w-]*$")
-_SENTENCE_SPLIT = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
 
 
 def placeholders(text: str) -> list[str]:
@@ -157,8 +156,8 @@ class FlowConfig:
     fallback: tuple[Step, ...] = ()
     line: int | None = None
 
-    def fixed_phrases(self) -> tuple[str, ...]:
-        """Texts without placeholders this flow may say: synthesised once at start-up."""
+    def texts(self) -> tuple[str, ...]:
+        """Every text this flow may say, templates (with `{placeholders}`) included."""
         texts: list[str] = []
         for step in walk_steps(self.steps + self.fallback):
             if isinstance(step, (SayStep, EndStep, TransferStep, ConfirmStep)):
@@ -167,11 +166,11 @@ class FlowConfig:
                 texts += [step.prompt, step.reprompt]
             elif isinstance(step, CallStep):
                 texts.append(step.say_first)
-        fixed = [t for t in texts if t and not is_template(t)]
-        for text in texts:  # a templated text is spoken sentence by sentence: cache the fixed ones
-            if text and is_template(text):
-                fixed += [p for p in _SENTENCE_SPLIT.split(text) if p and not is_template(p)]
-        return tuple(dict.fromkeys(fixed))
+        return tuple(dict.fromkeys(t for t in texts if t))
+
+    def fixed_phrases(self) -> tuple[str, ...]:
+        """Texts without placeholders this flow may say: synthesised once at start-up."""
+        return tuple(t for t in self.texts() if not is_template(t))
 
 
 def case_key(value: Any) -> str:

@@ -787,22 +787,20 @@ class _SessionFlowIO:
     def __init__(self, session: CallSession, reply_id: int, record: TurnRecord) -> None:
         self.s = session
         self.reply_id = reply_id
-        self.record: TurnRecord | None = record
+        self.record = record
         self.t0 = time.perf_counter()
         self.last_text = ""
         self._tz = ZoneInfo(session.config.hours.timezone)
 
     def reply_id_for_next(self) -> int:
         """The reply id the next words belong to (the current turn's, if nothing said yet)."""
-        if self.record is not None and not self.record.reply_text:
+        if not self.record.reply_text:
             return self.reply_id
         return self.s._next_reply_id()
 
     def record_for_next(self) -> TurnRecord | None:
         """The turn the next words answer, if it has not been answered yet."""
-        if self.record is not None and not self.record.reply_text:
-            return self.record
-        return None
+        return None if self.record.reply_text else self.record
 
     def say(self, text: str) -> None:
         """Speak now (cached audio for fixed texts); a barge-in cuts it, the flow goes on."""
@@ -817,17 +815,12 @@ class _SessionFlowIO:
                 s._say_fixed(text, self.reply_id, record)
             else:  # sentence by sentence: the caller hears the first while the rest is made
                 for sentence in split_sentences(text) or [text]:
-                    audio = s._synthesize(sentence)
-                    s._check_interrupt()
-                    if record is not None and record.tts_first_audio_ms is None:
-                        record.tts_first_audio_ms = (time.perf_counter() - self.t0) * 1000.0
-                    s.playback.enqueue(audio, self.reply_id)
+                    s._say_tts(sentence, self.reply_id, record, self.t0)
         except _Interrupted:
             if s._done.is_set():
                 raise FlowAborted() from None
             s._interrupt.clear()  # the caller spoke over the prompt: their words come next
-        if record is not None:
-            record.reply_text = f"{record.reply_text} {text}".strip()
+        record.reply_text = f"{record.reply_text} {text}".strip()
         self.last_text = text
         s.policy.note_reply(text)
 

@@ -17,6 +17,7 @@ from agent.config import AgentConfig, IntentConfig
 from agent.dialog.guard import ReplyGuard, sanitize, split_sentences
 from agent.dialog.intents import IntentRecognizer
 from agent.dialog.knowledge import KnowledgeBase, normalize_words
+from agent.flowconf import is_template
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -137,8 +138,12 @@ class DialogPolicy:
 
     def fixed_phrases(self) -> tuple[str, ...]:
         """Every phrase this policy may speak verbatim: pre-synthesise them at start-up."""
+        # a templated flow text is spoken sentence by sentence: its fixed sentences are cached
+        templated = [sentence for flow in self.agent.flows for text in flow.texts()
+                     if is_template(text) for sentence in split_sentences(text)
+                     if not is_template(sentence)]
         return tuple(dict.fromkeys(
-            (*self.agent.fixed_phrases(), REPROMPT, WELCOME, ANYTHING_ELSE)))
+            (*self.agent.fixed_phrases(), REPROMPT, WELCOME, ANYTHING_ELSE, *templated)))
 
     def note_reply(self, text: str) -> None:
         """Record what the agent just said, so a bare "yes" or "no" can be understood."""

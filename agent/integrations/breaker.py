@@ -28,12 +28,12 @@ class BreakerPolicy:
     """When to open, and when to try again."""
 
     #: failures or slow calls within ``window_s`` that open the breaker
-    failures: int = 5
+    failures: int = 3
     window_s: float = 30.0
     #: a call slower than this counts as a failure even when it succeeded (ms); 0 = off
     slow_ms: float = 0.0
     #: how long the breaker stays open before trial calls are let through (s)
-    cooldown_s: float = 30.0
+    cooldown_s: float = 20.0
     #: trial calls allowed at once while half-open
     half_open_calls: int = 1
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from agent.config import Config
@@ -18,14 +17,6 @@ from agent.integrations.http import IntegrationOutcome, WebhookClient
 from agent.integrations.sidework import SideWorkQueue
 
 _LOGGER = logging.getLogger(__name__)
-
-
-def sidework_path(config: Config) -> str | None:
-    """The SQLite file of pending side work, or None when kept in memory only."""
-    path = config.sidework.path
-    if path == "off":
-        return None
-    return path or str(Path(config.state_dir) / "sidework.sqlite")
 
 
 class IntegrationService:
@@ -38,7 +29,8 @@ class IntegrationService:
         self.config = config
         self.client = WebhookClient(config.integrations, clock=clock, on_result=on_result,
                                     on_breaker=on_breaker)
-        self.sidework = SideWorkQueue(config.sidework, self._deliver, path=sidework_path(config))
+        self.sidework = SideWorkQueue(config.sidework, self._deliver,
+                                      path=config.sidework.store_path(config.state_dir))
         self._started = False
         self._closed = False
 

@@ -19,21 +19,16 @@ IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "PUT", "DELETE"))
 
 
 @dataclass(frozen=True)
-class SecretHeader:
-    """A header whose value is a secret read at use time: ``prefix`` + the secret."""
+class SecretRef:
+    """Where a secret is read from at use time (never stored in the config, never logged)."""
 
     env: str = ""
     file: str = ""
-    prefix: str = ""
 
-    def value(self) -> str:
-        """The header value; raises ConfigError naming the env var or file when unreadable."""
-        if self.env:
-            secret = os.environ.get(self.env, "")
-            if secret:
-                return self.prefix + secret
-            if not self.file:
-                raise ConfigError("(environment)", self.env, "secret variable is not set")
+    def read(self) -> str:
+        """The secret: the environment variable if set, else the file's first line, else ""."""
+        if self.env and os.environ.get(self.env):
+            return os.environ[self.env]
         if self.file:
             try:
                 lines = Path(self.file).read_text(encoding="utf-8").splitlines()
@@ -42,8 +37,22 @@ class SecretHeader:
                                   f"cannot read secret: {exc.strerror}") from None
             if not lines or not lines[0].strip():
                 raise ConfigError(self.file, "(file)", "secret file is empty")
-            return self.prefix + lines[0].strip()
-        return self.prefix
+            return lines[0].strip()
+        return ""
+
+
+@dataclass(frozen=True)
+class SecretHeader(SecretRef):
+    """A header whose value is a secret read at use time: ``prefix`` + the secret."""
+
+    prefix: str = ""
+
+    def value(self) -> str:
+        """The header value; raises ConfigError naming the env var or file when unreadable."""
+        secret = self.read()
+        if not secret and self.env:
+            raise ConfigError("(environment)", self.env, "secret variable is not set")
+        return self.prefix + secret
 
 
 @dataclass(frozen=True)
@@ -92,3 +101,9 @@ class SideWorkConfig:
     path: str = ""
     #: integrations sent a summary of every call when it ends (post-call webhooks)
     post_call: tuple[str, ...] = ()
+
+    def store_path(self, state_dir: str) -> str | None:
+        """The SQLite file of pending side work, or None when kept in memory only."""
+        if self.path == "off":
+            return None
+        return self.path or str(Path(state_dir) / "sidework.sqlite")
